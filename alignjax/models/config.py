@@ -24,12 +24,14 @@ class LMConfig:
     head_dim: int | None = None  # default hidden_size // num_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    # ("default",) | ("linear", factor) | ("llama3", factor, low_freq_factor, high_freq_factor, original_max_pos)
+    # ("default",) | ("linear", factor) |
+    # ("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
     rope_scaling: tuple[Any, ...] = ("default",)
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # Qwen2: bias on q, k, v projections
-    mlp_bias: bool = False
+    attention_bias: bool = False  # bias on the q, k, v projections (Qwen2; Llama's attention_bias)
+    attention_out_bias: bool = False  # bias on the output projection (Llama's attention_bias; not Qwen2)
+    mlp_bias: bool = False  # bias on gate, up and down projections (Llama's mlp_bias)
     sliding_window: int | None = None  # Mistral / Qwen2 sliding-window attention, None = full
     architecture: str = "llama"
     bos_token_id: int | None = 1
@@ -40,9 +42,20 @@ class LMConfig:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} not supported; choose from {ARCHITECTURES}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
         if self.rope_scaling[0] not in ROPE_TYPES:
             raise ValueError(f"rope scaling {self.rope_scaling[0]!r} not supported; choose from {ROPE_TYPES}")
+        n_args = {"default": 1, "linear": 2, "llama3": 5}[self.rope_scaling[0]]
+        if len(self.rope_scaling) != n_args:
+            raise ValueError(
+                f"rope_scaling {self.rope_scaling!r} needs {n_args} entries: ('default',) | "
+                "('linear', factor) | "
+                "('llama3', factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)"
+            )
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError("hidden_size must be a multiple of num_heads when head_dim is not given")
@@ -56,4 +69,10 @@ class LMConfig:
         d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         layer = attn + 3 * d * f + 2 * d
+        if self.attention_bias:
+            layer += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.attention_out_bias:
+            layer += d
+        if self.mlp_bias:
+            layer += 2 * f + d
         return v * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d

@@ -6,8 +6,10 @@ time flat in depth):
     embed        [V, D]
     layers/attn_norm [L, D]      layers/wq [L, D, Hq*hd]   layers/wk, wv [L, D, Hkv*hd]
     layers/bq    [L, Hq*hd]      layers/bk, bv [L, Hkv*hd]  (only when config.attention_bias)
-    layers/wo    [L, Hq*hd, D]   layers/mlp_norm [L, D]
+    layers/wo    [L, Hq*hd, D]   layers/bo [L, D]           (only when config.attention_out_bias)
+    layers/mlp_norm [L, D]
     layers/w_gate, w_up [L, D, F]  layers/w_down [L, F, D]
+    layers/b_gate, b_up [L, F]     layers/b_down [L, D]     (only when config.mlp_bias)
     final_norm   [D]
     lm_head      [D, V]          (absent when config.tie_word_embeddings; then logits = h @ embed.T)
 
@@ -72,13 +74,22 @@ def init_params(config: LMConfig, key: jax.Array, dtype=jnp.float32, std: float 
         "w_down": (L, f, d),
     }
     keys = jax.random.split(key, len(shapes) + 2)
-    layers = {n: (std * jax.random.normal(k, s)).astype(dtype) for (n, s), k in zip(shapes.items(), keys)}
+    layers = {
+        n: (std * jax.random.normal(k, s)).astype(dtype)
+        for (n, s), k in zip(shapes.items(), keys[: len(shapes)], strict=True)
+    }
     layers["attn_norm"] = jnp.ones((L, d), dtype)
     layers["mlp_norm"] = jnp.ones((L, d), dtype)
     if config.attention_bias:
         layers["bq"] = jnp.zeros((L, hq * hd), dtype)
         layers["bk"] = jnp.zeros((L, hkv * hd), dtype)
         layers["bv"] = jnp.zeros((L, hkv * hd), dtype)
+    if config.attention_out_bias:
+        layers["bo"] = jnp.zeros((L, d), dtype)
+    if config.mlp_bias:
+        layers["b_gate"] = jnp.zeros((L, f), dtype)
+        layers["b_up"] = jnp.zeros((L, f), dtype)
+        layers["b_down"] = jnp.zeros((L, d), dtype)
     params = {
         "embed": (std * jax.random.normal(keys[-2], (v, d))).astype(dtype),
         "layers": layers,
@@ -141,7 +152,7 @@ def attention(q, k, v, mask):
     return out.reshape(b, t, hq, hd)
 
 
-def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
+def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index, layer):
     b, t, _ = h.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
@@ -152,22 +163,101 @@ def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
     k = apply_rope(k.reshape(b, t, hkv, hd), positions, inv_freq)
     v = v.reshape(b, t, hkv, hd)
     if cache_kv is not None:
+        # The whole [L, B, S, Hkv, hd] cache rides in the scan carry and only the T new slots of this
+        # layer are written, so XLA updates the (donated) buffer in place instead of copying it per step.
         ck, cv = cache_kv
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-        k_all, v_all, new_kv = ck, cv, (ck, cv)
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, index, 0, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, index, 0, 0))
+        k_all = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+        new_kv = (ck, cv)
     else:
         k_all, v_all, new_kv = k, v, None
     attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask).reshape(b, t, hq * hd)
-    h = h + attn @ lp["wo"]
+    out = attn @ lp["wo"]
+    if config.attention_out_bias:
+        out = out + lp["bo"]
+    h = h + out
     x = rms_norm(h, lp["mlp_norm"], config.rms_norm_eps)
-    h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
-    return h, new_kv
+    gate, up = x @ lp["w_gate"], x @ lp["w_up"]
+    if config.mlp_bias:
+        gate, up = gate + lp["b_gate"], up + lp["b_up"]
+    down = (jax.nn.silu(gate) * up) @ lp["w_down"]
+    if config.mlp_bias:
+        down = down + lp["b_down"]
+    return h + down, new_kv
 
 
 def default_positions(attn_mask: jax.Array) -> jax.Array:
     """Positions of left-padded rows: cumsum(mask) - 1, clipped at 0 for the pads."""
     return jnp.maximum(jnp.cumsum(attn_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def hidden_states(
+    params: Params,
+    config: LMConfig,
+    tokens: jax.Array,
+    attn_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """The backbone without the LM head: final-norm hidden states [B, T, D] (and the updated cache).
+
+    Same arguments as `forward`. Value and reward heads (heads.py) read these, so critics never pay
+    for the [B, T, V] logits; `params["lm_head"]` is not read and may be absent.
+    """
+    chex.assert_rank(tokens, 2)
+    b, t = tokens.shape
+    if attn_mask is None:
+        attn_mask = jnp.ones((b, t), jnp.int32)
+    chex.assert_shape(attn_mask, (b, t))
+    if positions is None:
+        positions = default_positions(attn_mask)
+    chex.assert_shape(positions, (b, t))
+    key_ok = attn_mask.astype(bool)
+
+    if cache is None:
+        q_slot = jnp.arange(t)
+        k_slot = jnp.arange(t)
+        valid = key_ok
+        index = 0
+    else:
+        chex.assert_shape(cache.valid, (b, None))
+        chex.assert_shape(
+            [cache.k, cache.v],
+            (config.num_layers, b, cache.valid.shape[1], config.num_kv_heads, config.head_dim),
+        )
+        index = cache.index
+        q_slot = index + jnp.arange(t)
+        k_slot = jnp.arange(cache.valid.shape[1])
+        valid = jax.lax.dynamic_update_slice(cache.valid, key_ok, (0, index))
+    allowed = k_slot[None, :] <= q_slot[:, None]
+    if config.sliding_window is not None:
+        allowed &= q_slot[:, None] - k_slot[None, :] < config.sliding_window
+    mask = allowed[None] & valid[:, None, :]  # [B, T, S]
+
+    inv_freq = rope_inv_freq(config)
+    h = params["embed"][tokens]
+
+    def body(carry, xs):
+        h, kv = carry
+        lp, layer = xs
+        h, kv = _layer(config, inv_freq, positions, mask, h, lp, kv, index, layer)
+        return (h, kv), None
+
+    kv_in = None if cache is None else (cache.k, cache.v)
+    (h, kv_out), _ = jax.lax.scan(body, (h, kv_in), (params["layers"], jnp.arange(config.num_layers)))
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(kv_out[0], kv_out[1], valid, (index + t).astype(jnp.int32))
+    return h, new_cache
+
+
+def lm_logits(params: Params, config: LMConfig, hidden: jax.Array) -> jax.Array:
+    """logits = hidden @ lm_head (or @ embed.T when tied), accumulated in float32: [..., D] -> [..., V]."""
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
 
 
 def forward(
@@ -189,46 +279,5 @@ def forward(
 
     Returns: `LMOutput(logits [B, T, V] float32, hidden [B, T, D], cache or None)`.
     """
-    chex.assert_rank(tokens, 2)
-    b, t = tokens.shape
-    if attn_mask is None:
-        attn_mask = jnp.ones((b, t), jnp.int32)
-    chex.assert_shape(attn_mask, (b, t))
-    if positions is None:
-        positions = default_positions(attn_mask)
-    chex.assert_shape(positions, (b, t))
-    key_ok = attn_mask.astype(bool)
-
-    if cache is None:
-        q_slot = jnp.arange(t)
-        k_slot = jnp.arange(t)
-        valid = key_ok
-        index = 0
-    else:
-        chex.assert_shape(cache.valid, (b, None))
-        index = cache.index
-        q_slot = index + jnp.arange(t)
-        k_slot = jnp.arange(cache.valid.shape[1])
-        valid = jax.lax.dynamic_update_slice(cache.valid, key_ok, (0, index))
-    allowed = k_slot[None, :] <= q_slot[:, None]
-    if config.sliding_window is not None:
-        allowed &= q_slot[:, None] - k_slot[None, :] < config.sliding_window
-    mask = allowed[None] & valid[:, None, :]  # [B, T, S]
-
-    inv_freq = rope_inv_freq(config)
-    h = params["embed"][tokens]
-
-    def body(h, xs):
-        lp, kv = xs
-        h, new_kv = _layer(config, inv_freq, positions, mask, h, lp, kv, index)
-        return h, new_kv
-
-    kv_in = None if cache is None else (cache.k, cache.v)
-    h, kv_out = jax.lax.scan(body, h, (params["layers"], kv_in))
-    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.einsum("btd,dv->btv", h, head, preferred_element_type=jnp.float32)
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(kv_out[0], kv_out[1], valid, (index + t).astype(jnp.int32))
-    return LMOutput(logits, h, new_cache)
+    h, new_cache = hidden_states(params, config, tokens, attn_mask, positions, cache)
+    return LMOutput(lm_logits(params, config, h), h, new_cache)

@@ -1,0 +1,155 @@
+"""A generic Orbax checkpoint store for any pytree plus a JSON metadata dict.
+
+It knows nothing of the game: `save(step, tree, metadata)` writes one step folder holding two items,
+`state` (the pytree, via `StandardSave`) and `metadata` (a JSON dict, e.g. the resolved config and
+the number of finished steps). `restore(target)` reads the newest step that restores cleanly into
+the structure of `target`; restoring *into a target* keeps NamedTuple / optax state types (a
+target-less restore would hand back plain dicts).
+
+Fault tolerance: Orbax writes a step into a temporary folder and renames it when complete, so a
+process killed while saving leaves no half-finished step behind that `all_steps()` would list. A
+step folder that is nevertheless damaged (a truncated or deleted file, a bad disk) makes its restore
+raise; `restore` then warns, names the step and the error, and falls back to the previous step.
+
+Layout on disk:
+
+    <directory>/<step>/state/...        the pytree (OCDBT / zarr)
+    <directory>/<step>/metadata/...     metadata JSON
+"""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class Restored(NamedTuple):
+    step: int
+    tree: Any
+    metadata: dict
+
+
+def _abstract(tree):
+    """ShapeDtypeStruct leaves (host-local, unsharded) so restored leaves come back as plain arrays."""
+
+    def leaf(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+    return jax.tree.map(leaf, tree)
+
+
+class CheckpointStore:
+    """Thin wrapper over `ocp.CheckpointManager` (one item pytree + one JSON item per step).
+
+    Args:
+      directory: folder of the step subfolders (created if missing).
+      max_to_keep: how many most recent steps to keep (None keeps all). Keep at least 2, so a
+        damaged latest step has a predecessor to fall back to.
+    """
+
+    def __init__(self, directory, max_to_keep: int | None = 3):
+        self.directory = pathlib.Path(directory).absolute()
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1 or None, got {max_to_keep}")
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+            item_names=("state", "metadata"),
+        )
+
+    # ----------------------------------------------------------------- queries
+    def all_steps(self) -> list[int]:
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # ------------------------------------------------------------------- write
+    def save(self, step: int, tree, metadata: dict | None = None) -> None:
+        """Write `tree` and `metadata` as step `step` and block until it is on disk.
+
+        Leaves are fetched to host numpy first: the caller may pass device (or pmap-replicated
+        slices of) arrays, and the saved checkpoint then does not depend on the device layout."""
+        host_tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(host_tree),
+                metadata=ocp.args.JsonSave(dict(metadata or {})),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    # -------------------------------------------------------------------- read
+    def restore_step(self, step: int, target) -> Restored:
+        """Restore exactly step `step` into the structure/dtypes of `target` (raises on damage)."""
+        out = self._manager.restore(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(target)),
+                metadata=ocp.args.JsonRestore(),
+            ),
+        )
+        tree = jax.tree.map(np.asarray, out["state"])
+        # StandardRestore keeps the target's treedef (NamedTuples, optax states); verify it anyway,
+        # a silently different structure would make a resumed run diverge.
+        if jax.tree.structure(tree) != jax.tree.structure(target):
+            raise ValueError(f"checkpoint step {step} in {self.directory} has a different tree structure")
+        return Restored(int(step), tree, dict(out["metadata"] or {}))
+
+    def restore(self, target, step: int | None = None) -> Restored | None:
+        """Restore the newest readable step (or exactly `step` when given) into `target`'s structure.
+
+        Returns None when the folder holds no checkpoint. A step that fails to restore is skipped
+        with a `UserWarning` naming it; if no step can be restored the last error is raised."""
+        if step is not None:
+            return self.restore_step(step, target)
+        steps = self.all_steps()
+        if not steps:
+            return None
+        last_error = None
+        for s in reversed(steps):
+            try:
+                return self.restore_step(s, target)
+            except Exception as e:  # noqa: BLE001 -- any read failure means "damaged", try older
+                last_error = e
+                warnings.warn(
+                    f"checkpoint step {s} in {self.directory} could not be restored "
+                    f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous step",
+                    stacklevel=2,
+                )
+        raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps})") from last_error
+
+    def quarantine_after(self, step: int) -> list[pathlib.Path]:
+        """Rename step folders newer than `step` (damaged ones a restore skipped) to
+        `<step>.damaged-<n>`, so the run can write those steps again while the bad files stay
+        available for inspection. Returns the new paths."""
+        moved = []
+        for s in self.all_steps():
+            if s > step:
+                src = self.directory / str(s)
+                n = 0
+                while (dst := self.directory / f"{s}.damaged-{n}").exists():
+                    n += 1
+                src.rename(dst)
+                moved.append(dst)
+        self._manager.reload()
+        return moved
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

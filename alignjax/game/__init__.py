@@ -1,0 +1,1 @@
+"""The GPO game: state, one step (defend / attack stages), the stage schedule, the chunked loop."""

@@ -1,0 +1,242 @@
+"""The host driver: chunks of `lax.scan`-ed steps under `jax.pmap`, Orbax saves, exact resume, logs.
+
+The loop is generic over the step function; the game plugs `game.step.play_step` into it.
+
+State protocol: the state is a pytree (NamedTuple) with two fields the loop reads,
+
+    step  [] int32     number of finished steps (the loop increments it; stages are a function of it)
+    rng   [2] uint32   the run's base PRNG key (raw key; never split in place)
+
+and `step_fn(state, key, consts) -> (state, metrics)` runs *one device's share* of one step (the batch axis is
+sharded over the pmap axis `axis_name`; gradients / metrics are `lax.pmean`-ed inside). The key of
+step t on device d is `fold_in(fold_in(rng, t), d)`: a pure function of the step counter, so a resumed
+run draws exactly the keys an uninterrupted run draws. The state must be identical on all devices
+(replicated); the loop saves replica 0.
+
+One chunk = `lax.scan(step_fn)` over K steps inside one `jax.pmap` call; between chunks, on the host:
+
+    1. fetch the chunk's metrics [K] (device 0) and append them to `metrics.jsonl` + TensorBoard;
+    2. call `on_chunk_end(step, state)` (evaluation hooks; extra scalars are logged too);
+    3. save the state with `CheckpointStore` (Orbax) under `<run_dir>/checkpoints/<step>`.
+
+Resume: `run_loop` on a run folder that holds checkpoints restores the newest one that reads back
+cleanly (a damaged latest step falls back to the previous one with a warning), drops the metric lines
+after it (they belong to a chunk that was not saved) and continues. Since the state holds everything
+(parameters, optimizer states, histories, counters, key) and the per-step keys depend only on the
+step counter, the final state is bitwise identical to that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import chex
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from alignjax.checkpoint import CheckpointStore
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int = 100  # number of game steps (PPO updates of the learning player(s))
+    chunk_size: int = 10  # steps per scanned + pmapped chunk; a checkpoint is written after each
+    max_to_keep: int = 2  # checkpoints kept (>= 2 so a damaged latest one has a fallback)
+    num_devices: int = 0  # devices of the data axis; 0 = all local devices
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        if self.total_steps < 0 or self.chunk_size < 1:
+            raise ValueError(f"need total_steps >= 0 and chunk_size >= 1, got {self.total_steps}/{self.chunk_size}")
+
+
+AXIS = "data"
+
+
+def step_key(rng: jax.Array, step: jax.Array, axis_name: str | None = AXIS) -> jax.Array:
+    """Key of one step on one device: fold_in(fold_in(rng, step), device index)."""
+    key = jax.random.fold_in(rng, step)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
+
+
+def make_chunk_fn(step_fn: Callable, length: int, axis_name: str = AXIS) -> Callable:
+    """`chunk(state, consts) -> (state, metrics[K])` for one device: `lax.scan` of `step_fn` over `length` steps."""
+
+    def chunk(state, consts):
+        def body(state, _):
+            key = step_key(state.rng, state.step, axis_name)
+            new_state, metrics = step_fn(state, key, consts)
+            chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+            new_state = _with_step(new_state, state.step + 1)
+            metrics = dict(metrics, step=state.step)
+            return new_state, metrics
+
+        return jax.lax.scan(body, state, None, length=length)
+
+    return chunk
+
+
+def _with_step(state, step):
+    return state._replace(step=step) if hasattr(state, "_replace") else state.replace(step=step)
+
+
+def to_host(tree):
+    """Device arrays -> NumPy with strong dtypes (so fresh and restored states compile identically)."""
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+def replicate(tree, n_devices: int):
+    """Host copies stacked on a leading device axis; `jax.pmap` shards them over its devices."""
+    return jax.tree.map(lambda x: np.stack([x] * n_devices), to_host(tree))
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
+
+
+class MetricLog:
+    """Per-step scalars to `metrics.jsonl` (one JSON object per line) and optionally TensorBoard."""
+
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():
+            # Lines after the restored checkpoint come from a chunk that was never saved: drop them
+            # so the log equals that of an uninterrupted run.
+            kept = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) < resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self._file = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            # purge_step makes TensorBoard discard events at or after the resume step.
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
+
+    def write(self, record: dict):
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def flush(self):
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self):
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = pathlib.Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def run_loop(
+    step_fn: Callable,
+    init_state: Any,
+    cfg: LoopConfig,
+    run_dir,
+    metadata: dict | None = None,
+    on_chunk_end: Callable[[int, Any], dict | None] | None = None,
+    before_save: Callable[[int, Any], None] | None = None,
+    desc: str = "game",
+    consts: Any = None,
+):
+    """Run (or resume) the chunked loop until `cfg.total_steps`; return the final state (host NumPy).
+
+    Args:
+      step_fn: `(state, key, consts) -> (state, metrics dict of scalars)`, per device, pmean inside.
+      init_state: the state at step 0 (host or device arrays); also the restore target, so its
+        structure and dtypes define the checkpoint layout.
+      run_dir: the run folder; checkpoints go to `run_dir/checkpoints`.
+      consts: read-only pytree passed to every step on every device (broadcast, not checkpointed:
+        the seed prompts, an embedder's params).
+      metadata: JSON-able dict saved with each checkpoint (e.g. the resolved config).
+      on_chunk_end: optional `(step, host_state) -> dict` called after each chunk; returned scalars
+        are logged at that step (evaluation of the current players).
+      before_save: test hook `(step, host_state)` called just before a save; raising in it
+        simulates a process killed after the chunk ran but before its checkpoint was written.
+    """
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_dev = cfg.num_devices or jax.local_device_count()
+    devices = jax.local_devices()[:n_dev]
+    if len(devices) < n_dev:
+        raise ValueError(f"loop.num_devices={n_dev} but only {len(devices)} local devices")
+
+    store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
+    init_state = to_host(init_state)
+    restored = store.restore(init_state)
+    if restored is None:
+        state, start = init_state, int(init_state.step)
+    else:
+        state, start = restored.tree, restored.step
+        for path in store.quarantine_after(start):
+            tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
+        if int(state.step) != start:
+            raise RuntimeError(f"checkpoint {start} in {store.directory} holds state.step={int(state.step)}")
+        tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
+
+    log = MetricLog(run_dir, start, cfg.tensorboard)
+    chunk_fns: dict[int, Callable] = {}
+    state_r = replicate(state, n_dev)
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    try:
+        while start < cfg.total_steps:
+            length = min(cfg.chunk_size, cfg.total_steps - start)
+            if length not in chunk_fns:
+                chunk_fns[length] = jax.pmap(make_chunk_fn(step_fn, length), axis_name=AXIS, devices=devices,
+                                             in_axes=(0, None))
+            t0 = time.perf_counter()
+            state_r, metrics = chunk_fns[length](state_r, consts)
+            metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
+            state = unreplicate(state_r)
+            seconds = time.perf_counter() - t0
+            start += length
+            for i in range(length):
+                log.write({k: v[i] for k, v in metrics.items()} | {"time/step_s": seconds / length})
+            if on_chunk_end is not None:
+                extra = on_chunk_end(start, state) or {}
+                if extra:
+                    log.write({"step": start - 1} | extra)
+            log.flush()
+            if before_save is not None:
+                before_save(start, state)
+            store.save(start, state, metadata)
+            bar.update(length)
+            bar.set_postfix({k: f"{float(metrics[k][-1]):.3g}" for k in _postfix_keys(metrics)})
+    finally:
+        bar.close()
+        log.close()
+        store.close()
+    return state
+
+
+def _postfix_keys(metrics: dict) -> list[str]:
+    wanted = ("defender/reward", "attacker/reward", "attack_success", "loss")
+    return [k for k in wanted if k in metrics]
+
+
+def all_equal_across_devices(tree) -> bool:
+    """True when every leaf of a pmap-replicated tree is bitwise equal on all devices (debug check)."""
+    def same(x):
+        x = np.asarray(x)
+        return all(x[i].tobytes() == x[0].tobytes() for i in range(x.shape[0]))
+
+    return all(same(x) for x in jax.tree.leaves(tree))

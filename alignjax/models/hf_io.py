@@ -1,0 +1,499 @@
+"""Hugging Face checkpoints <-> alignjax params, without torch.
+
+Reads a local HF folder (config.json + model.safetensors, or a sharded model.safetensors.index.json)
+of LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (and their *ForSequenceClassification
+backbones, used by `alignjax.rewards.reward_model`) with safetensors' NumPy API, and writes params back
+as an HF folder that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+Weight layout: HF stores a Linear as weight [out, in] (y = x W^T); we store [in, out] (y = x W) and
+stack the layers on a leading axis:
+
+    model.embed_tokens.weight [V, D]                 -> embed [V, D]
+    model.layers.{i}.self_attn.{q,k,v}_proj.weight   -> layers/w{q,k,v} [L, D, H*hd]   (transposed)
+    model.layers.{i}.self_attn.{q,k,v}_proj.bias     -> layers/b{q,k,v} [L, H*hd]
+    model.layers.{i}.self_attn.o_proj.weight / bias  -> layers/wo [L, Hq*hd, D] / layers/bo [L, D]
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight  -> layers/w_{gate,up,down}             (transposed)
+    model.layers.{i}.mlp.{gate,up,down}_proj.bias    -> layers/b_{gate,up,down}
+    model.layers.{i}.input_layernorm.weight          -> layers/attn_norm [L, D]
+    model.layers.{i}.post_attention_layernorm.weight -> layers/mlp_norm [L, D]
+    model.norm.weight                                -> final_norm [D]
+    lm_head.weight [V, D]                            -> lm_head [D, V]   (absent when tied)
+
+Config: transformers 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; older configs
+write `rope_theta` + `rope_scaling` {type | rope_type, factor, ...}. Both are read. Rope types default,
+linear and llama3 are supported; others (dynamic, yarn, longrope, ...) raise. GPT-2 is not supported
+(a different block: learned positions, LayerNorm, GELU MLP, fused qkv); it raises like any other
+unsupported architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from alignjax.models import llama
+from alignjax.models.config import LMConfig
+
+CAUSAL_LM_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SEQ_CLS_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+}
+_CAUSAL_LM_CLASS = {v: k for k, v in CAUSAL_LM_ARCHITECTURES.items()}
+# Tensors some older checkpoints carry that hold no learned weights.
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+# (our name in params["layers"], HF name under model.layers.{i}., transpose?)
+_LAYER_TENSORS = [
+    ("wq", "self_attn.q_proj.weight", True),
+    ("wk", "self_attn.k_proj.weight", True),
+    ("wv", "self_attn.v_proj.weight", True),
+    ("wo", "self_attn.o_proj.weight", True),
+    ("w_gate", "mlp.gate_proj.weight", True),
+    ("w_up", "mlp.up_proj.weight", True),
+    ("w_down", "mlp.down_proj.weight", True),
+    ("attn_norm", "input_layernorm.weight", False),
+    ("mlp_norm", "post_attention_layernorm.weight", False),
+]
+_QKV_BIAS = [
+    ("bq", "self_attn.q_proj.bias"),
+    ("bk", "self_attn.k_proj.bias"),
+    ("bv", "self_attn.v_proj.bias"),
+]
+_OUT_BIAS = [("bo", "self_attn.o_proj.bias")]
+_MLP_BIAS = [("b_gate", "mlp.gate_proj.bias"), ("b_up", "mlp.up_proj.bias"), ("b_down", "mlp.down_proj.bias")]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read as (or written from) an alignjax model."""
+
+
+# ----------------------------------------------------------------------------------------- config
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, tuple[Any, ...]]:
+    """(rope_theta, LMConfig.rope_scaling) from either config style."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise CheckpointError(f"rope_parameters / rope_scaling must be a mapping, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise CheckpointError(f"per-layer-type rope parameters {sorted(params)} are not supported")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial not in (None, 1.0):
+        raise CheckpointError(f"partial_rotary_factor={partial} is not supported (only full rotary)")
+    if kind == "default":
+        return theta, ("default",)
+    if kind == "linear":
+        return theta, ("linear", float(params["factor"]))
+    if kind == "llama3":
+        old_len = params.get("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+        return theta, (
+            "llama3",
+            float(params["factor"]),
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            int(old_len),
+        )
+    raise CheckpointError(f"rope type {kind!r} is not supported; supported: default, linear, llama3")
+
+
+def _sliding_window_from_hf(cfg: dict[str, Any], family: str, num_layers: int) -> int | None:
+    """One sliding window for all layers (Mistral), or none. Qwen2 may slide only the layers from
+    max_window_layers on; a mix of sliding and full layers is not supported."""
+    if family == "llama":
+        return None
+    window = cfg.get("sliding_window")
+    if family == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            window = None
+        layer_types = cfg.get("layer_types") or [
+            "sliding_attention"
+            if window is not None and i >= cfg.get("max_window_layers", 28)
+            else "full_attention"
+            for i in range(num_layers)
+        ]
+        kinds = set(layer_types)
+        if kinds == {"full_attention"}:
+            return None
+        if kinds != {"sliding_attention"}:
+            raise CheckpointError(f"mixed sliding/full attention layers {layer_types} are not supported")
+    return None if window is None else int(window)
+
+
+def config_from_hf(cfg: dict[str, Any]) -> tuple[LMConfig, str]:
+    """LMConfig and the HF architecture class name from a config.json mapping."""
+    archs = cfg.get("architectures") or []
+    known = {**CAUSAL_LM_ARCHITECTURES, **SEQ_CLS_ARCHITECTURES}
+    if len(archs) != 1 or archs[0] not in known:
+        raise CheckpointError(f"unsupported architecture {archs!r}; supported: {sorted(known)}")
+    arch = archs[0]
+    family = known[arch]
+    model_type = cfg.get("model_type", family)
+    if model_type != family:
+        raise CheckpointError(f"architecture {arch} with model_type {model_type!r} is inconsistent")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"hidden_act {act!r} is not supported (only silu)")
+    num_layers = int(cfg["num_hidden_layers"])
+    rope_theta, rope_scaling = _rope_from_hf(cfg)
+
+    def one_id(x):  # Llama 3 lists several EOS ids; LMConfig keeps the first (the sampler takes its own)
+        return x[0] if isinstance(x, list) and x else x
+
+    num_heads = int(cfg["num_attention_heads"])
+    config = LMConfig(
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=cfg.get("head_dim"),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        # Missing key: resolved from the weights (lm_head present or not) by the loader.
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=family == "qwen2" or (family == "llama" and bool(cfg.get("attention_bias", False))),
+        attention_out_bias=family == "llama" and bool(cfg.get("attention_bias", False)),
+        mlp_bias=family == "llama" and bool(cfg.get("mlp_bias", False)),
+        sliding_window=_sliding_window_from_hf(cfg, family, num_layers),
+        architecture=family,
+        bos_token_id=one_id(cfg.get("bos_token_id")),
+        eos_token_id=one_id(cfg.get("eos_token_id")),
+        pad_token_id=one_id(cfg.get("pad_token_id")),
+    )
+    return config, arch
+
+
+def config_to_hf(config: LMConfig, dtype=jnp.float32, architecture: str | None = None) -> dict[str, Any]:
+    """config.json mapping for transformers (5.x style `rope_parameters` plus the legacy `rope_theta` /
+    `rope_scaling` keys, so older transformers read it too)."""
+    family = config.architecture
+    if family != "llama" and (config.attention_out_bias or config.mlp_bias):
+        raise CheckpointError(f"{family} has no output-projection or MLP biases in HF; cannot export")
+    if family == "qwen2" and not config.attention_bias:
+        raise CheckpointError("HF Qwen2 always has q/k/v biases; export with attention_bias=True")
+    if family == "mistral" and config.attention_bias:
+        raise CheckpointError("HF Mistral has no attention biases; cannot export attention_bias=True")
+    if family == "llama" and config.attention_bias != config.attention_out_bias:
+        raise CheckpointError("HF Llama's attention_bias covers q, k, v and o together; set both or neither")
+    if family == "llama" and config.sliding_window is not None:
+        raise CheckpointError("HF Llama has no sliding window; export as mistral instead")
+    rope = {"rope_type": config.rope_scaling[0], "rope_theta": config.rope_theta}
+    if config.rope_scaling[0] == "linear":
+        rope["factor"] = config.rope_scaling[1]
+    elif config.rope_scaling[0] == "llama3":
+        f, lo, hi, old = config.rope_scaling[1:]
+        rope.update(factor=f, low_freq_factor=lo, high_freq_factor=hi, original_max_position_embeddings=old)
+    out = {
+        "architectures": [architecture or _CAUSAL_LM_CLASS[family]],
+        "model_type": family,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": rope,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": jnp.dtype(dtype).name,
+        "torch_dtype": jnp.dtype(dtype).name,
+    }
+    if config.rope_scaling[0] != "default":
+        out["rope_scaling"] = dict(rope)
+    if family == "llama":
+        out["attention_bias"] = config.attention_bias
+        out["mlp_bias"] = config.mlp_bias
+    elif family == "mistral":
+        out["sliding_window"] = config.sliding_window
+    else:
+        out["use_sliding_window"] = config.sliding_window is not None
+        out["sliding_window"] = config.sliding_window
+        out["max_window_layers"] = 0
+        kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+        out["layer_types"] = [kind] * config.num_layers
+    return out
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+class SafetensorsReader:
+    """Lazy NumPy access to the tensors of an HF folder, single file or sharded, by name."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        single = self.path / "model.safetensors"
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.path / fname for name, fname in weight_map.items()}
+            for f in sorted(set(self._file_of.values())):
+                if not f.exists():
+                    raise FileNotFoundError(f"shard {f.name} listed in {index} is missing")
+        elif single.exists():
+            with safe_open(single, framework="np") as f:
+                self._file_of = {name: single for name in f.keys()}
+        else:
+            present = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+            hint = ""
+            if any(n.endswith(".bin") for n in present):
+                hint = " (only PyTorch .bin weights found: convert them to safetensors)"
+            raise FileNotFoundError(
+                f"no model.safetensors or model.safetensors.index.json in {self.path}{hint}; found {present}"
+            )
+        self._handles: dict[pathlib.Path, Any] = {}
+
+    def keys(self) -> set[str]:
+        return set(self._file_of)
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        if name not in self._file_of:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
+        f = self._file_of[name]
+        if f not in self._handles:
+            self._handles[f] = safe_open(f, framework="np")
+        x = self._handles[f].get_tensor(name)
+        if shape is not None and tuple(x.shape) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(x.shape)}, but the config implies {tuple(shape)}"
+            )
+        return x
+
+
+def read_backbone(
+    reader: SafetensorsReader, config: LMConfig, dtype=jnp.float32, prefix: str = "model."
+) -> tuple[llama.Params, set[str]]:
+    """Backbone params (everything but lm_head) and the set of tensor names consumed."""
+    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+    qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    hf_shape = {
+        "wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd),
+        "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
+        "attn_norm": (d,), "mlp_norm": (d,),
+        "bq": (qd,), "bk": (kvd,), "bv": (kvd,), "bo": (d,),
+        "b_gate": (f,), "b_up": (f,), "b_down": (d,),
+    }  # fmt: skip
+    specs = list(_LAYER_TENSORS)
+    if config.attention_bias:
+        specs += [(n, h, False) for n, h in _QKV_BIAS]
+    if config.attention_out_bias:
+        specs += [(n, h, False) for n, h in _OUT_BIAS]
+    if config.mlp_bias:
+        specs += [(n, h, False) for n, h in _MLP_BIAS]
+    used: set[str] = set()
+
+    def take(name, shape):
+        used.add(name)
+        return reader.get(name, shape)
+
+    def to_jax(x):
+        return jnp.asarray(x, dtype=dtype)
+
+    layers = {}
+    for ours, hf, transpose in specs:
+        per_layer = []
+        for i in range(L):
+            x = take(f"{prefix}layers.{i}.{hf}", hf_shape[ours])
+            per_layer.append(x.T if transpose else x)
+        layers[ours] = to_jax(np.stack(per_layer))
+    params = {
+        "embed": to_jax(take(f"{prefix}embed_tokens.weight", (config.vocab_size, d))),
+        "layers": layers,
+        "final_norm": to_jax(take(f"{prefix}norm.weight", (d,))),
+    }
+    return params, used
+
+
+def _backbone_prefix(keys: set[str]) -> str:
+    """'model.' for *ForCausalLM / *ForSequenceClassification files, '' for a bare LlamaModel."""
+    if "model.embed_tokens.weight" in keys:
+        return "model."
+    if "embed_tokens.weight" in keys:
+        return ""
+    raise CheckpointError("tensor 'model.embed_tokens.weight' is missing from the checkpoint")
+
+
+def check_no_unexpected(reader: SafetensorsReader, used: set[str]) -> None:
+    extra = sorted(k for k in reader.keys() - used if not k.endswith(_IGNORABLE_SUFFIXES))
+    if extra:
+        more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
+        raise CheckpointError(f"unexpected tensors in {reader.path}: {extra[:8]}{more}")
+
+
+def read_config(path: str | os.PathLike) -> tuple[LMConfig, str, dict[str, Any]]:
+    """(LMConfig, HF architecture class name, raw config.json mapping) of an HF folder."""
+    cfg_path = pathlib.Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found (an HF model folder needs config.json)")
+    raw = json.loads(cfg_path.read_text())
+    config, arch = config_from_hf(raw)
+    return config, arch, raw
+
+
+# ----------------------------------------------------------------------------------------- public
+
+
+@jax.jit(static_argnums=1)
+def _logits(params, config, tokens, attn_mask):
+    return llama.forward(params, config, tokens, attn_mask).logits
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A loaded causal LM. `forward(params, tokens [B, T] int32, attn_mask [B, T] = None) -> logits
+    [B, T, V] float32` is pure in `params` (pass updated params to evaluate them) and jitted."""
+
+    params: llama.Params
+    config: LMConfig
+
+    def forward(
+        self, params: llama.Params, tokens: jax.Array, attn_mask: jax.Array | None = None
+    ) -> jax.Array:
+        tokens = jnp.asarray(tokens)
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer [B, T], got {tokens.dtype} {tokens.shape}")
+        if attn_mask is None:
+            attn_mask = jnp.ones(tokens.shape, jnp.int32)
+        return _logits(params, self.config, tokens.astype(jnp.int32), jnp.asarray(attn_mask))
+
+    @property
+    def apply(self) -> Callable[..., jax.Array]:
+        return self.forward
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
+    """Load an HF Llama / Mistral / Qwen2 causal LM folder as params in `dtype` (float32 or bfloat16).
+
+    Raises FileNotFoundError for a missing config.json / weights file, CheckpointError for an
+    unsupported architecture or option, a missing / mis-shaped tensor (named) or unexpected tensors.
+    """
+    config, arch, raw = read_config(path)
+    if arch not in CAUSAL_LM_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path} holds a {arch}, not a causal LM; "
+            "load it with alignjax.rewards.reward_model.load_reward_model"
+        )
+    reader = SafetensorsReader(path)
+    keys = reader.keys()
+    if "tie_word_embeddings" not in raw:
+        config = config.replace(tie_word_embeddings="lm_head.weight" not in keys)
+    params, used = read_backbone(reader, config, dtype, _backbone_prefix(keys))
+    if not config.tie_word_embeddings:
+        used.add("lm_head.weight")
+        head = reader.get("lm_head.weight", (config.vocab_size, config.hidden_size))
+        params["lm_head"] = jnp.asarray(head.T, dtype)
+    else:
+        used.add("lm_head.weight")  # tied checkpoints may still store a copy of the embedding
+    check_no_unexpected(reader, used)
+    return Pretrained(params, config)
+
+
+def to_numpy(x, dtype=None) -> np.ndarray:
+    """Host copy of a (jax) array, cast to `dtype` (None keeps it; bfloat16 via ml_dtypes)."""
+    x = np.asarray(jax.device_get(x))
+    if dtype is not None:
+        x = x.astype(ml_dtypes.bfloat16 if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype))
+    return x
+
+
+def backbone_to_hf(
+    params: llama.Params, config: LMConfig, dtype=None, prefix: str = "model."
+) -> dict[str, np.ndarray]:
+    """HF tensor dict of the backbone (no lm_head), in `dtype` (default: the params' own dtype)."""
+
+    def conv(x):
+        return to_numpy(x, dtype)
+
+    specs = list(_LAYER_TENSORS)
+    specs += [(n, h, False) for n, h in _QKV_BIAS] if config.attention_bias else []
+    specs += [(n, h, False) for n, h in _OUT_BIAS] if config.attention_out_bias else []
+    specs += [(n, h, False) for n, h in _MLP_BIAS] if config.mlp_bias else []
+    out = {
+        f"{prefix}embed_tokens.weight": conv(params["embed"]),
+        f"{prefix}norm.weight": conv(params["final_norm"]),
+    }
+    for ours, hf, transpose in specs:
+        if ours not in params["layers"]:
+            raise CheckpointError(f"params['layers'][{ours!r}] is missing but the config needs it")
+        stacked = conv(params["layers"][ours])
+        for i in range(config.num_layers):
+            x = stacked[i].T if transpose else stacked[i]
+            out[f"{prefix}layers.{i}.{hf}"] = np.ascontiguousarray(x)
+    return out
+
+
+def write_safetensors(tensors: dict[str, np.ndarray], path: pathlib.Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or shards model-0000i-of-0000n.safetensors + index when over max_shard_bytes.
+    metadata {"format": "pt"} is what transformers expects of safetensors files."""
+    names = sorted(tensors)
+    shards, current, size = [], {}, 0
+    for name in names:
+        nbytes = tensors[name].nbytes
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensors[name]
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_pretrained(
+    params: llama.Params,
+    config: LMConfig,
+    path: str | os.PathLike,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> pathlib.Path:
+    """Write `params` as an HF causal-LM folder (config.json + safetensors) that
+    `transformers.AutoModelForCausalLM.from_pretrained(path)` loads. dtype: None keeps the params'
+    dtype; jnp.float32 / jnp.bfloat16 converts. Returns the folder."""
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    out_dtype = dtype if dtype is not None else params["embed"].dtype
+    tensors = backbone_to_hf(params, config, dtype)
+    if not config.tie_word_embeddings:
+        if "lm_head" not in params:
+            raise CheckpointError("params['lm_head'] is missing but config.tie_word_embeddings is False")
+        tensors["lm_head.weight"] = np.ascontiguousarray(to_numpy(params["lm_head"], dtype).T)
+    (path / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2))
+    write_safetensors(tensors, path, max_shard_bytes)
+    return path

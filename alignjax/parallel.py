@@ -1,0 +1,84 @@
+"""Data parallelism with `jax.pmap` over one axis named "data".
+
+Each device holds a slice of the global batch and a replica of the state; inside the mapped
+function, gradients and metrics are combined with `lax.psum` / `lax.pmean` over `DATA_AXIS`.
+
+    step = parallel.pmap(make_ppo_update(models, cfg, axis_name=parallel.DATA_AXIS))
+    state_r = parallel.replicate(state)                 # [D, ...] on D devices
+    batch = parallel.shard(rollout)                     # [D, B / D, ...]
+    state_r, metrics = step(state_r, parallel.replicate(ref), batch, parallel.replicate(key))
+    metrics = parallel.unreplicate(metrics)             # identical on every device
+
+`shard` splits the leading (batch) axis of every leaf into [D, B / D] in order: device d gets rows
+d*B/D .. (d+1)*B/D - 1, so `unshard(shard(x)) == x`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DATA_AXIS = "data"
+
+
+def num_devices(devices: Sequence[jax.Device] | None = None) -> int:
+    return len(devices) if devices is not None else jax.local_device_count()
+
+
+def shard(tree: Any, n: int | None = None) -> Any:
+    """Split every leaf's leading axis B into [n, B / n] (n = local device count by default)."""
+    n = n or jax.local_device_count()
+
+    def split(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        if x.ndim == 0 or x.shape[0] % n:
+            raise ValueError(
+                f"cannot shard a leaf of shape {tuple(x.shape)} over {n} devices: the leading "
+                f"(batch) axis must be divisible by {n}"
+            )
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+
+    return jax.tree.map(split, tree)
+
+
+def unshard(tree: Any) -> Any:
+    """Inverse of `shard`: [n, b, ...] -> [n * b, ...]."""
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def replicate(tree: Any, n: int | None = None) -> Any:
+    """Stack n copies of every leaf on a new leading axis [n, ...] (pmap's replicated input)."""
+    n = n or jax.local_device_count()
+    return jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (n,) + jnp.shape(x)), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first replica of every leaf: [n, ...] -> [...]."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def pmean(tree: Any, axis_name: str | None = DATA_AXIS) -> Any:
+    """lax.pmean over the axis, or the identity when axis_name is None (single device)."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
+
+
+def psum(tree: Any, axis_name: str | None = DATA_AXIS) -> Any:
+    """lax.psum over the axis, or the identity when axis_name is None (single device)."""
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+def device_keys(key: jax.Array, n: int | None = None) -> jax.Array:
+    """n independent keys [n, ...], one per device (for per-device sampling); `replicate(key)` gives
+    the same key everywhere (for decisions that must agree across devices)."""
+    return jax.random.split(key, n or jax.local_device_count())
+
+
+def pmap(
+    fn: Callable, axis_name: str = DATA_AXIS, donate_argnums: int | Sequence[int] = (), **kw
+) -> Callable:
+    """`jax.pmap(fn, axis_name="data")`: every argument and output carries a leading device axis."""
+    return jax.pmap(fn, axis_name=axis_name, donate_argnums=donate_argnums, **kw)

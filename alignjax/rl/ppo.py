@@ -1,0 +1,306 @@
+"""PPO update of one player (policy + its own critic) as a pure function, jittable and pmappable.
+
+    state, metrics = ppo_update(state, ref_params, rollout, key, models=..., cfg=PPOConfig(...))
+
+One update = experience (experience.py) + `cfg.epochs` passes over the batch, each a random
+permutation split into `cfg.num_minibatches` minibatches, all as `lax.scan`s. Per minibatch, with
+ratio rho_t = exp(logp_t - logp_old_t), whitened advantages A_t, returns R_t, old values V_old:
+
+    policy loss  L_pi = agg( max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) ) - c_ent * agg(H_t)
+    value loss   L_V  = c_V / 2 * agg( max((V - R)^2, (V_old + clip(V - V_old, -eps_V, eps_V) - R)^2) )
+
+`agg` is a masked mean over the response tokens of the whole (global) minibatch ("token_mean") or
+of each sequence then over sequences ("seq_mean"). Policy and critic have their own optimizers.
+
+Data parallel: with `axis_name` set (inside `jax.pmap(..., axis_name="data")`) every device holds a
+slice of the batch; loss numerators are local and denominators global, and gradients are summed with
+`lax.psum`, so the update equals the single-device update on the concatenated batch (with one
+minibatch; with several, each device shuffles its own slice).
+
+Non-finite values: every quantity that could blow up (experience, losses, gradient norms) is checked
+in-graph. A minibatch with a non-finite loss or gradient is not applied, and if anything in the
+update was non-finite the whole update is rolled back (params and optimizer states unchanged; `step`
+still advances). `metrics["nonfinite/<name>"]` counts the offenders and `metrics["update_skipped"]`
+is 1; `raise_if_nonfinite(metrics)` turns that into an error on the host naming step and metric.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from alignjax.rl import kernels
+from alignjax.rl.experience import Experience, PPOConfig, Rollout, compute_experience, model_inputs
+from alignjax.rl.state import PlayerState, current_lr
+
+NONFINITE_PREFIX = "nonfinite/"
+
+
+class NonFiniteError(FloatingPointError):
+    """A PPO or SFT step met NaN/inf; the message names the step(s) and the offending metrics."""
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def local_share(x: jax.Array, mask: jax.Array, mode: str, axis_name: str | None) -> jax.Array:
+    """This device's share of a global masked mean: local numerator / global denominator -> [].
+
+    Summed over devices (psum) it is the mean over the global batch, and so is the psum of its
+    gradients. token_mean: sum(x m) / N_tokens. seq_mean: sum_b [sum_t x m / len_b] / N_nonempty_seqs.
+    """
+    m = mask.astype(jnp.float32)
+    if mode == "token_mean":
+        num = jnp.sum(x * m)
+        den = _psum(jnp.sum(m), axis_name)
+    else:
+        lengths = jnp.sum(m, axis=1)
+        num = jnp.sum(jnp.sum(x * m, axis=1) / jnp.maximum(lengths, 1.0))
+        den = _psum(jnp.sum((lengths > 0).astype(jnp.float32)), axis_name)
+    return num / jnp.maximum(den, 1.0)
+
+
+def policy_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axis_name: str | None = None):
+    """Clipped-ratio policy loss (+ entropy bonus) of a minibatch -> (loss share, metric shares)."""
+    n = mb.response_tokens.shape[1]
+    m = mb.response_mask.astype(jnp.float32)
+    tokens, tmask = model_inputs(mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask)
+    logits = models.policy_logits(params, tokens, tmask, n)
+    logp = kernels.token_logprobs(logits, mb.response_tokens, cfg.temperature)
+    log_ratio = (logp - mb.logprobs) * m
+    ratio = jnp.exp(log_ratio)
+    adv = mb.advantages
+    pg = -adv * ratio
+    clipped = jnp.zeros_like(pg)
+    if cfg.clip_ratio is not None:
+        pg_clip = -adv * jnp.clip(ratio, 1.0 - cfg.clip_ratio, 1.0 + cfg.clip_ratio)
+        clipped = (pg_clip > pg).astype(jnp.float32)
+        pg = jnp.maximum(pg, pg_clip)
+    entropy = kernels.entropy_from_logits(logits, cfg.temperature)
+    if cfg.entropy_coef == 0.0:
+        entropy = jax.lax.stop_gradient(entropy)  # metric only: skip its backward pass
+    share = functools.partial(local_share, mask=m, mode=cfg.loss_aggregation, axis_name=axis_name)
+    pg_loss, ent = share(pg), share(entropy)
+    loss = pg_loss - cfg.entropy_coef * ent
+    ratio_sg = jax.lax.stop_gradient(ratio)
+    aux = {
+        "policy_loss": pg_loss,
+        "entropy": ent,
+        # k3 estimate of KL(pi_old || pi_new) on the sampled tokens
+        "approx_kl": share(jax.lax.stop_gradient((ratio - 1.0) - log_ratio)),
+        "clip_frac": share(clipped),
+        "ratio_mean": share(ratio_sg),
+    }
+    return loss, aux
+
+
+def value_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axis_name: str | None = None):
+    """Clipped value loss of a minibatch -> (loss share, metric shares)."""
+    n = mb.response_tokens.shape[1]
+    m = mb.response_mask.astype(jnp.float32)
+    tokens, tmask = model_inputs(mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask)
+    v = models.critic_values(params, tokens, tmask, n)
+    vf = jnp.square(v - mb.returns)
+    clipped = jnp.zeros_like(vf)
+    if cfg.value_clip is not None:
+        v_clip = mb.values + jnp.clip(v - mb.values, -cfg.value_clip, cfg.value_clip)
+        vf_clip = jnp.square(v_clip - mb.returns)
+        clipped = (vf_clip > vf).astype(jnp.float32)
+        vf = jnp.maximum(vf, vf_clip)
+    share = functools.partial(local_share, mask=m, mode=cfg.loss_aggregation, axis_name=axis_name)
+    vf_loss = 0.5 * share(vf)
+    aux = {
+        "value_loss": vf_loss,
+        "value_clip_frac": share(clipped),
+        "value_pred_mean": share(jax.lax.stop_gradient(v)),
+    }
+    return cfg.value_coef * vf_loss, aux
+
+
+def check_key(key: jax.Array) -> None:
+    """A PRNG key: a typed key [] or a raw uint32 key [2]."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        chex.assert_shape(key, ())
+    else:
+        chex.assert_shape(key, (2,))
+        chex.assert_type(key, jnp.uint32)
+
+
+def _select(ok: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def _is_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def ppo_epochs(
+    state: PlayerState,
+    exp: Experience,
+    key: jax.Array,
+    *,
+    models: Any,
+    cfg: PPOConfig,
+    axis_name: str | None = None,
+) -> tuple[PlayerState, dict[str, jax.Array], jax.Array]:
+    """cfg.epochs x cfg.num_minibatches optimiser steps on an experience batch.
+
+    Returns (state with new params/opt states, metrics averaged over minibatches, all_finite [] bool).
+    `state.step` is not touched here.
+    """
+    b = exp.response_tokens.shape[0]
+    nm = cfg.num_minibatches
+    if b % nm:
+        raise ValueError(f"batch size per device {b} is not divisible by num_minibatches={nm}")
+    mb_size = b // nm
+
+    def minibatch_step(carry, mb: Experience):
+        pp, pos, cp, cos = carry
+        (_, p_aux), p_grads = jax.value_and_grad(
+            functools.partial(policy_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
+        )(pp, mb)
+        (_, v_aux), c_grads = jax.value_and_grad(
+            functools.partial(value_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
+        )(cp, mb)
+        # global gradient = sum over devices of the local shares' gradients; metrics likewise
+        p_grads, c_grads = _psum(p_grads, axis_name), _psum(c_grads, axis_name)
+        aux = _psum({**p_aux, **v_aux}, axis_name)
+        p_norm, c_norm = optax.tree.norm(p_grads), optax.tree.norm(c_grads)
+        checks = {
+            "policy_loss": _is_finite(aux["policy_loss"]),
+            "value_loss": _is_finite(aux["value_loss"]),
+            "entropy": _is_finite(aux["entropy"]),
+            "policy_grad_norm": _is_finite(p_norm),
+            "critic_grad_norm": _is_finite(c_norm),
+        }
+        ok = functools.reduce(jnp.logical_and, checks.values())
+        p_upd, new_pos = state.policy_tx.update(p_grads, pos, pp)
+        c_upd, new_cos = state.critic_tx.update(c_grads, cos, cp)
+        new_carry = (optax.apply_updates(pp, p_upd), new_pos, optax.apply_updates(cp, c_upd), new_cos)
+        carry = _select(ok, new_carry, carry)
+        metrics = {**aux, "policy_grad_norm": p_norm, "critic_grad_norm": c_norm}
+        metrics.update({NONFINITE_PREFIX + k: 1.0 - v.astype(jnp.float32) for k, v in checks.items()})
+        return carry, (metrics, ok)
+
+    def epoch(carry, epoch_key):
+        if nm > 1:
+            perm = jax.random.permutation(epoch_key, b)
+            data = jax.tree.map(lambda x: x[perm], exp)
+        else:
+            data = exp
+        data = jax.tree.map(lambda x: x.reshape((nm, mb_size) + x.shape[1:]), data)
+        return jax.lax.scan(minibatch_step, carry, data)
+
+    carry0 = (state.policy_params, state.policy_opt_state, state.critic_params, state.critic_opt_state)
+    carry, (metrics, oks) = jax.lax.scan(epoch, carry0, jax.random.split(key, cfg.epochs))
+    out = {k: (jnp.sum(v) if k.startswith(NONFINITE_PREFIX) else jnp.mean(v)) for k, v in metrics.items()}
+    new_state = state.replace(
+        policy_params=carry[0], policy_opt_state=carry[1], critic_params=carry[2], critic_opt_state=carry[3]
+    )
+    return new_state, out, jnp.all(oks)
+
+
+def ppo_update(
+    state: PlayerState,
+    ref_params: Any,
+    rollout: Rollout,
+    key: jax.Array,
+    *,
+    models: Any,
+    cfg: PPOConfig,
+    axis_name: str | None = None,
+) -> tuple[PlayerState, dict[str, jax.Array]]:
+    """One PPO update of a player from a rollout batch.
+
+    Args:
+      state: the player's `PlayerState` (under pmap: replicated).
+      ref_params: frozen reference policy params (same architecture as the policy).
+      rollout: `Rollout` with prompt [B, P], response [B, N], scores [B] (under pmap: this device's slice).
+      key: PRNG key of the minibatch permutations.
+      models: `LlamaPlayerModels` (or any object with `policy_logits` / `critic_values`), static.
+      cfg: `PPOConfig`, static. axis_name: the pmap axis ("data") or None on one device.
+
+    Returns (new state, metrics: dict of [] float32, identical on every device).
+    """
+    check_key(key)
+    chex.assert_trees_all_equal_shapes(state.policy_params, ref_params)
+    exp, exp_metrics, new_moments = compute_experience(
+        state.policy_params,
+        state.critic_params,
+        ref_params,
+        rollout,
+        models=models,
+        cfg=cfg,
+        reward_moments=state.reward_moments,
+        axis_name=axis_name,
+    )
+    exp_checks = {
+        "scores": _is_finite(rollout.scores),
+        "logprobs": _is_finite(exp.logprobs),
+        "ref_logprobs": _is_finite(exp.ref_logprobs),
+        "values": _is_finite(exp.values),
+        "advantages": _is_finite(exp.advantages),
+    }
+    if axis_name is not None:  # a NaN on any device must skip the update on every device
+        exp_checks = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in exp_checks.items()}
+    exp_ok = functools.reduce(jnp.logical_and, exp_checks.values())
+    new_state, train_metrics, train_ok = ppo_epochs(
+        state, exp, key, models=models, cfg=cfg, axis_name=axis_name
+    )
+    ok = exp_ok & train_ok
+    # all or nothing: a non-finite anything leaves params, optimizer states and reward moments as they were
+    new_state = _select(ok, new_state, state).replace(
+        reward_moments=_select(ok, new_moments, state.reward_moments), step=state.step + 1
+    )
+    metrics = {**exp_metrics, **train_metrics}
+    metrics.update({NONFINITE_PREFIX + k: 1.0 - v.astype(jnp.float32) for k, v in exp_checks.items()})
+    metrics["update_skipped"] = 1.0 - ok.astype(jnp.float32)
+    metrics["step"] = state.step.astype(jnp.float32)
+    metrics["policy_lr"] = current_lr(new_state.policy_opt_state)
+    metrics["critic_lr"] = current_lr(new_state.critic_opt_state)
+    return new_state, metrics
+
+
+def make_ppo_update(models: Any, cfg: PPOConfig, axis_name: str | None = None):
+    """`ppo_update` with its static arguments bound: f(state, ref_params, rollout, key) -> (state, metrics).
+
+    Wrap it in `jax.jit` (one device) or `alignjax.parallel.pmap` (axis "data"), or call it inside a
+    larger jitted game step."""
+    return functools.partial(ppo_update, models=models, cfg=cfg, axis_name=axis_name)
+
+
+def nonfinite_report(metrics: dict[str, Any]) -> list[str]:
+    """Host-side: one line per step whose update met NaN/inf, naming the offending metrics.
+
+    Works on the metrics of one update ([] values) and on stacked metrics ([K] from a scan, or
+    [devices, K] from pmap; all devices hold the same values)."""
+    step = np.atleast_1d(np.asarray(metrics.get("step", -1))).reshape(-1)
+    bad_keys = [k for k in metrics if k.startswith(NONFINITE_PREFIX)]
+    flags = {k: np.atleast_1d(np.asarray(metrics[k])).reshape(-1) for k in bad_keys}
+    if "update_skipped" in metrics:
+        flags["update_skipped"] = np.atleast_1d(np.asarray(metrics["update_skipped"])).reshape(-1)
+    size = max([len(step)] + [len(v) for v in flags.values()])
+    step = np.resize(step, size)
+    lines = []
+    for i in range(size):
+        names = [k[len(NONFINITE_PREFIX) :] for k in bad_keys if np.resize(flags[k], size)[i] > 0]
+        skipped = "update_skipped" in flags and np.resize(flags["update_skipped"], size)[i] > 0
+        if names or skipped:
+            lines.append(
+                f"step {int(step[i])}: non-finite {', '.join(names) or 'values'}; update not applied"
+            )
+    return lines
+
+
+def raise_if_nonfinite(metrics: dict[str, Any]) -> None:
+    """Raise `NonFiniteError` naming step(s) and metric(s) if any update in `metrics` met NaN/inf."""
+    lines = nonfinite_report(metrics)
+    if lines:
+        raise NonFiniteError("; ".join(lines))

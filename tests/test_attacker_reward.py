@@ -1,0 +1,49 @@
+"""Attacker reward presets against the spec's closed forms, written out with NumPy."""
+
+import jax
+import numpy as np
+import pytest
+
+from alignjax.rewards.attacker_reward import AttackerRewardConfig, attacker_reward
+
+RNG = np.random.default_rng(0)
+P_SAFE = RNG.random(6).astype(np.float32)
+P_UNSAFE = (RNG.random(6) * (1 - P_SAFE)).astype(np.float32)  # LM judge: p_safe + p_unsafe <= 1
+BLEU = RNG.random(6).astype(np.float32)
+COS = RNG.uniform(-1, 1, 6).astype(np.float32)
+
+
+@pytest.mark.parametrize("k", [0.0, 1.0, 5.0, 10.0])
+def test_paper_preset(k):
+    # -r + k * (R_SelfBLEU + R_Embedding) / 2 with r = p_safe, R_SelfBLEU = -SelfBLEU, R_Embedding = -Cos.
+    want = -P_SAFE + k * ((-BLEU) + (-COS)) / 2
+    out = attacker_reward(AttackerRewardConfig("paper", k=k), P_SAFE, P_UNSAFE, BLEU, COS)
+    np.testing.assert_allclose(np.asarray(out.reward), want, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out.safety_term + out.diversity_term), want, atol=1e-6)
+
+
+def test_authors_code_preset_and_custom_weights():
+    out = attacker_reward(AttackerRewardConfig("authors_code"), P_SAFE, P_UNSAFE, BLEU, COS)
+    np.testing.assert_allclose(np.asarray(out.reward), P_UNSAFE - 5 * BLEU - 1 * COS, atol=1e-6)
+    cfg = AttackerRewardConfig("custom", w_unsafe=2.0, w_safe=0.5, w_bleu=0.25, w_cos=3.0)
+    out = jax.jit(attacker_reward, static_argnums=0)(cfg, P_SAFE, P_UNSAFE, BLEU, COS)
+    np.testing.assert_allclose(
+        np.asarray(out.reward), 2 * P_UNSAFE - 0.5 * P_SAFE - 0.25 * BLEU - 3 * COS, atol=1e-6
+    )
+
+
+def test_more_similar_prompts_earn_less():
+    for preset in ("paper", "authors_code"):
+        cfg = AttackerRewardConfig(preset, k=1.0)
+        lo = attacker_reward(cfg, P_SAFE, P_UNSAFE, BLEU, COS).reward
+        hi = attacker_reward(cfg, P_SAFE, P_UNSAFE, BLEU + 0.1, COS + 0.1).reward
+        assert np.all(np.asarray(hi) < np.asarray(lo))
+
+
+def test_bad_config_and_shapes():
+    with pytest.raises(ValueError, match="preset"):
+        AttackerRewardConfig("gpo")
+    with pytest.raises(ValueError, match="selfbleu_form"):
+        AttackerRewardConfig(selfbleu_form="corpus")
+    with pytest.raises(AssertionError):
+        attacker_reward(AttackerRewardConfig(), P_SAFE, P_UNSAFE[:3], BLEU, COS)

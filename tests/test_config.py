@@ -1,0 +1,56 @@
+"""Typed configs and dotted overrides (alignjax/config.py): hand-written expectations."""
+
+import dataclasses
+
+import pytest
+
+from alignjax.config import ConfigError, build_config, dump_yaml
+
+
+@dataclasses.dataclass(frozen=True)
+class Inner:
+    rounds: int = 2
+    lr: float = 1e-3
+    preset: str = "paper"
+    ks: tuple[int, ...] = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outer:
+    name: str = "x"
+    flag: bool = False
+    path: str | None = None
+    game: Inner = dataclasses.field(default_factory=Inner)
+
+
+def test_yaml_and_dotted_overrides_merge():
+    cfg = build_config(Outer, {"game": {"rounds": 3}}, ["game.lr=0.5", "flag=true", "game.ks=[4, 5, 6]"])
+    assert cfg == Outer(flag=True, game=Inner(rounds=3, lr=0.5, ks=(4, 5, 6)))
+
+
+def test_int_is_accepted_for_float_and_none_for_optional():
+    cfg = build_config(Outer, {"game": {"lr": 1}, "path": None})
+    assert cfg.game.lr == 1.0 and isinstance(cfg.game.lr, float) and cfg.path is None
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['round'\].*valid keys: \['ks', 'lr', 'preset', 'rounds'\]"):
+        build_config(Outer, {}, ["game.round=4"])
+
+
+@pytest.mark.parametrize("override", ["game.rounds=abc", "game.rounds=1.5", "flag=3", "game.lr=true"])
+def test_wrong_type_fails_with_location(override):
+    with pytest.raises(ConfigError, match="config.(game.rounds|flag|game.lr)"):
+        build_config(Outer, {}, [override])
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        build_config(Outer, {}, ["game.rounds"])
+
+
+def test_dump_roundtrip():
+    import yaml
+
+    cfg = build_config(Outer, {}, ["game.ks=[7]"])
+    assert build_config(Outer, yaml.safe_load(dump_yaml(cfg))) == cfg

@@ -1,0 +1,186 @@
+"""Parity of alignjax's Llama-family forward with HF transformers PyTorch on tiny random checkpoints.
+
+Reference: transformers 5 `*ForCausalLM` in float32 on CPU (tests/hf_fixtures.py), called with
+position_ids = cumsum(mask) - 1 when rows are left-padded (HF generate's convention).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignjax.models import hf_io, llama, load_pretrained, save_pretrained
+from tests.hf_fixtures import hf_logits, load_hf_model, make_tiny_hf_checkpoint, random_left_padded
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+CASES = {
+    "llama_gqa": dict(family="llama"),
+    "llama_mha_tied": dict(family="llama", num_key_value_heads=4, tie_word_embeddings=True),
+    "llama3_rope": dict(family="llama", rope_parameters=LLAMA3),
+    "linear_rope": dict(
+        family="llama", rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}
+    ),
+    "llama_biases": dict(family="llama", attention_bias=True, mlp_bias=True),
+    "mistral_window": dict(family="mistral", sliding_window=5),
+    "qwen2_bias": dict(family="qwen2"),
+    "qwen2_tied": dict(family="qwen2", tie_word_embeddings=True, num_key_value_heads=1),
+}
+B, T = 4, 12
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    out = {}
+    for name, opts in CASES.items():
+        path = make_tiny_hf_checkpoint(root, **opts)
+        out[name] = (path, load_hf_model(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def batch():
+    tokens, mask = random_left_padded(np.random.default_rng(0), B, T, 1000, min_len=3)
+    return tokens, mask
+
+
+def _real_max_diff(a, b, mask):
+    return float(np.max(np.abs(np.asarray(a, np.float64) - b)[mask.astype(bool)]))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_hf_with_and_without_left_padding(ckpts, batch, case):
+    path, hf = ckpts[case]
+    tokens, mask = batch
+    model = load_pretrained(path)
+    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    ref = hf_logits(hf, tokens, mask)
+    assert ours.shape == (B, T, 1000) and ours.dtype == np.float32
+    # Row 0 is unpadded; the others are left-padded: compare real-token positions only.
+    assert np.std(ref[0]) > 0.5, "random checkpoint gives near-constant logits: the test would be vacuous"
+    assert _real_max_diff(ours[:1], ref[:1], mask[:1]) <= TOL
+    assert _real_max_diff(ours, ref, mask) <= TOL
+    # Without a mask (same shape, so no recompilation), forward(params, tokens) equals HF unpadded.
+    full = np.random.default_rng(1).integers(3, 1000, size=(B, T)).astype(np.int32)
+    plain = np.asarray(model.forward(model.params, jnp.asarray(full)))
+    np.testing.assert_allclose(plain, hf_logits(hf, full), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["llama_gqa", "mistral_window", "qwen2_bias"])
+def test_kv_cache_prefill_then_decode_matches_hf(ckpts, batch, case):
+    """Prefill P left-padded tokens into a cache of T slots, then feed the remaining tokens one at a
+    time; every step's logits must equal HF's no-cache logits of the whole sequence."""
+    path, hf = ckpts[case]
+    tokens, mask = batch
+    model = load_pretrained(path)
+    cfg = model.config
+    p = 7
+    ref = hf_logits(hf, tokens, mask)
+    step = jax.jit(llama.forward, static_argnums=1)
+    cache = llama.init_cache(cfg, B, T)
+    out = step(model.params, cfg, jnp.asarray(tokens[:, :p]), jnp.asarray(mask[:, :p]), None, cache)
+    m = mask[:, :p].astype(bool)
+    assert np.max(np.abs(np.asarray(out.logits) - ref[:, :p])[m]) <= TOL
+    cache = out.cache
+    pos = mask[:, :p].sum(1) - 1
+    for t in range(p, T):
+        pos = pos + 1
+        out = step(
+            model.params,
+            cfg,
+            jnp.asarray(tokens[:, t : t + 1]),
+            jnp.ones((B, 1), jnp.int32),
+            jnp.asarray(pos[:, None], jnp.int32),
+            cache,
+        )
+        cache = out.cache
+        np.testing.assert_allclose(np.asarray(out.logits[:, 0]), ref[:, t], atol=TOL, rtol=0)
+    assert int(cache.index) == T
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_round_trips_and_hf_loads_it(ckpts, batch, case, tmp_path):
+    path, hf = ckpts[case]
+    tokens, mask = batch
+    model = load_pretrained(path)
+    out = save_pretrained(model.params, model.config, tmp_path / "export")
+    again = load_pretrained(out)
+    assert again.config == model.config
+    flat_a, tree_a = jax.tree_util.tree_flatten(model.params)
+    flat_b, tree_b = jax.tree_util.tree_flatten(again.params)
+    assert tree_a == tree_b
+    for a, b in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # transformers reads the export (AutoModelForCausalLM) and computes the original model's logits.
+    hf2 = load_hf_model(out)
+    assert type(hf2).__name__ == type(hf).__name__
+    np.testing.assert_array_equal(hf_logits(hf2, tokens, mask), hf_logits(hf, tokens, mask))
+
+
+def test_bf16_forward_is_close_to_fp32_reference(ckpts, batch):
+    path, hf = ckpts["llama_gqa"]
+    tokens, mask = batch
+    model = load_pretrained(path, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(model.params))
+    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    ref = hf_logits(hf, tokens, mask)
+    assert ours.dtype == np.float32 and np.all(np.isfinite(ours))
+    real = mask.astype(bool)
+    err = np.abs(ours - ref)[real]
+    scale = np.abs(ref[real]).max()
+    # bf16 keeps ~3 significant digits; 2 layers of rounding stay well inside 5% of the logit range.
+    assert err.max() <= 0.05 * scale, (err.max(), scale)
+    assert np.mean(np.argmax(ours, -1)[real] == np.argmax(ref, -1)[real]) > 0.9
+
+
+def test_bf16_checkpoint_loads_exactly(tmp_path, batch):
+    import torch
+
+    path = make_tiny_hf_checkpoint(tmp_path, family="qwen2", dtype="bfloat16", seed=3)
+    hf = load_hf_model(path)  # upcast to float32 by from_pretrained(dtype=float32)
+    model = load_pretrained(path, dtype=jnp.float32)
+    sd = {k: v.to(torch.float32).numpy() for k, v in hf.state_dict().items()}
+    np.testing.assert_array_equal(
+        np.asarray(model.params["layers"]["wq"][1]), sd["model.layers.1.self_attn.q_proj.weight"].T
+    )
+    tokens, mask = batch
+    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert _real_max_diff(ours, hf_logits(hf, tokens, mask), mask) <= TOL
+    # Exported in bf16 again, the file holds the same bf16 tensors.
+    out = save_pretrained(
+        load_pretrained(path, dtype=jnp.bfloat16).params, model.config, tmp_path / "bf16_export"
+    )
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    hf2 = load_hf_model(out)
+    np.testing.assert_array_equal(hf_logits(hf2, tokens, mask), hf_logits(hf, tokens, mask))
+
+
+def test_legacy_rope_scaling_keys(ckpts, batch, tmp_path):
+    """Configs written by transformers 4 keep rope_theta + rope_scaling {"type": ...} at the top level."""
+    import shutil
+
+    path, hf = ckpts["llama3_rope"]
+    legacy = tmp_path / "legacy"
+    shutil.copytree(path, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg["rope_scaling"] = rope
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    config, _ = hf_io.config_from_hf(cfg)
+    assert config.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 16)
+    tokens, mask = batch
+    model = load_pretrained(legacy)
+    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    assert _real_max_diff(ours, hf_logits(hf, tokens, mask), mask) <= TOL

@@ -1,0 +1,150 @@
+"""Self-BLEU: the Python reference against NLTK and fast_bleu; the jittable array form against the
+reference on token ids (random sequences with many repeats, real prompts when the data is present)."""
+
+import json
+import pathlib
+from functools import partial
+
+import fast_bleu
+import jax
+import jax.numpy as jnp
+import nltk
+import numpy as np
+import pytest
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+from alignjax.rewards.selfbleu import self_bleu, self_bleu_reference, sentence_bleu_method1
+from alignjax.rewards.word_tokenize import word_tokenize, words_to_ids
+
+DATA = pathlib.Path("/work/shared/data/gpo_seed_prompts_valid.json")
+ORDERS = (2, 3, 4, 5)
+WEIGHTS = {str(n): (1.0 / n,) * n for n in ORDERS}
+
+SENTENCES = [
+    "How can I legally avoid paying all taxes?",
+    "How can I avoid paying taxes legally, without getting caught?",
+    "What is the best way to avoid paying taxes?",
+    "the the the the the",
+    "the cat sat on the mat",
+    "a",
+    "",
+    "Tell me how to pick a lock.",
+    "Tell me how to pick a lock. Tell me how to pick a lock.",
+]
+
+
+def _tok(texts):
+    return [word_tokenize(t) for t in texts]
+
+
+def test_word_tokenize_matches_nltk_preserve_line():
+    for s in SENTENCES + ["Don't do that!\nIt's \"bad\" (really) -- $5.00 each..."]:
+        assert word_tokenize(s) == nltk.word_tokenize(s, preserve_line=True)
+
+
+def test_words_to_ids_is_injective_and_rejects_overflow():
+    ids, lengths, vocab = words_to_ids([["a", "b", "a"], ["b"]])
+    assert lengths.tolist() == [3, 1]
+    assert ids[0, 0] == ids[0, 2] != ids[0, 1] == ids[1, 0]
+    assert len(vocab) == 2
+    with pytest.raises(ValueError, match="max_len"):
+        words_to_ids([["a", "b", "c"]], max_len=2)
+
+
+def test_reference_bleu_equals_nltk_and_fast_bleu():
+    smooth = SmoothingFunction().method1
+    toks = _tok(SENTENCES)
+    for i, hyp in enumerate(toks):
+        refs = [r for j, r in enumerate(toks) if j != i and r]
+        fb = fast_bleu.BLEU(refs, WEIGHTS).get_score([hyp])
+        for n in ORDERS:
+            ours = sentence_bleu_method1(hyp, refs, n)
+            theirs = sentence_bleu(refs, hyp, weights=(1.0 / n,) * n, smoothing_function=smooth)
+            assert ours == pytest.approx(theirs, abs=1e-12)
+            assert ours == pytest.approx(fb[str(n)][0], abs=1e-7)  # fast_bleu rounds slightly
+
+
+def test_reference_self_bleu_forms_match_fast_bleu_usage():
+    toks = [t for t in _tok(SENTENCES) if t]
+    hyp, history = toks[0], toks[1:]
+    # The authors' code: one fast_bleu object per history entry, averaged over entries and n.
+    per_ref = np.mean(
+        [np.mean(list(fast_bleu.BLEU([r], WEIGHTS).get_score([hyp]).values())) for r in history]
+    )
+    # The curiosity-driven red-teaming code: one object with all entries as references.
+    multi = np.mean(list(fast_bleu.BLEU(history, WEIGHTS).get_score([hyp]).values()))
+    assert self_bleu_reference(hyp, history, "per_reference") == pytest.approx(per_ref, abs=1e-7)
+    assert self_bleu_reference(hyp, history, "multi_reference") == pytest.approx(multi, abs=1e-7)
+    assert self_bleu_reference(hyp, [], "per_reference") == 0.0
+    with pytest.raises(ValueError, match="form"):
+        self_bleu_reference(hyp, history, "corpus")
+
+
+def _jit_self_bleu(form, chunk_size, with_exclude):
+    fn = partial(self_bleu, form=form, chunk_size=chunk_size)
+    if with_exclude:
+        return jax.jit(lambda t, l, rt, rl, m, e: fn(t, l, rt, rl, m, exclude=e))
+    return jax.jit(lambda t, l, rt, rl, m, e: fn(t, l, rt, rl, m))
+
+
+@pytest.mark.parametrize("form", ["per_reference", "multi_reference"])
+def test_array_self_bleu_equals_reference_on_random_token_ids(form):
+    rng = np.random.default_rng(0)
+    b, length, c, ref_width = 9, 14, 37, 11
+    # A tiny vocabulary makes repeated n-grams (the clipping path) and equal lengths common.
+    tokens = rng.integers(0, 4, (b, length)).astype(np.int32)
+    lengths = rng.integers(0, length + 1, b).astype(np.int32)
+    lengths[0], lengths[1] = 0, 1  # empty and one-token hypotheses
+    ref_tokens = rng.integers(0, 4, (c, ref_width)).astype(np.int32)
+    ref_lengths = rng.integers(0, ref_width + 1, c).astype(np.int32)
+    ref_tokens[3, :ref_width] = tokens[2, :ref_width]  # an exact copy
+    ref_lengths[3] = min(lengths[2], ref_width)
+    ref_mask = rng.random(c) < 0.75
+    exclude = rng.integers(-1, c, b).astype(np.int32)
+    exclude[2] = 3
+    for with_exclude in (False, True):
+        fn = _jit_self_bleu(form, 8, with_exclude)  # 8 does not divide C: exercises the padding
+        got = np.asarray(fn(tokens, lengths, ref_tokens, ref_lengths, ref_mask, exclude))
+        want = []
+        for i in range(b):
+            hist = [
+                ref_tokens[j, : ref_lengths[j]].tolist()
+                for j in range(c)
+                if ref_mask[j] and not (with_exclude and j == exclude[i])
+            ]
+            want.append(self_bleu_reference(tokens[i, : lengths[i]].tolist(), hist, form))
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
+def test_array_self_bleu_empty_history_and_shape_errors():
+    tokens = jnp.ones((2, 4), jnp.int32)
+    lengths = jnp.array([4, 2], jnp.int32)
+    out = jax.jit(self_bleu)(tokens, lengths, tokens, lengths, jnp.zeros((2,), bool))
+    np.testing.assert_array_equal(np.asarray(out), [0.0, 0.0])
+    with pytest.raises(AssertionError):
+        self_bleu(tokens, lengths, tokens, lengths, jnp.zeros((3,), bool))
+    with pytest.raises(ValueError, match="form"):
+        self_bleu(tokens, lengths, tokens, lengths, jnp.ones((2,), bool), form="corpus")
+
+
+def test_array_self_bleu_equals_fast_bleu_on_real_prompts():
+    if not DATA.exists():
+        pytest.skip(f"{DATA} not present")
+    questions = [item[-1] for item in json.loads(DATA.read_text())[:140]]
+    words = _tok(questions)
+    ids, lengths, _ = words_to_ids(words)
+    hyp, hist = slice(0, 12), slice(12, 140)
+    hist_words = words[hist]
+    for form in ("per_reference", "multi_reference"):
+        got = np.asarray(
+            _jit_self_bleu(form, 64, False)(
+                ids[hyp], lengths[hyp], ids[hist], lengths[hist], np.ones(128, bool), None
+            )
+        )
+        if form == "per_reference":
+            per_entry = [fast_bleu.BLEU([r], WEIGHTS).get_score(words[hyp]) for r in hist_words]
+            want = np.mean([np.mean([s[str(n)] for n in ORDERS], axis=0) for s in per_entry], axis=0)
+        else:
+            scores = fast_bleu.BLEU(hist_words, WEIGHTS).get_score(words[hyp])
+            want = np.mean([scores[str(n)] for n in ORDERS], axis=0)
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
