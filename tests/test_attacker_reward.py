@@ -47,3 +47,30 @@ def test_bad_config_and_shapes():
         AttackerRewardConfig(selfbleu_form="corpus")
     with pytest.raises(AssertionError):
         attacker_reward(AttackerRewardConfig(), P_SAFE, P_UNSAFE[:3], BLEU, COS)
+
+
+def test_similarity_to_history_uses_only_valid_entries():
+    from alignjax.rewards import history as hist
+    from alignjax.rewards.attacker_reward import similarity_to_history
+    from alignjax.rewards.selfbleu import self_bleu_reference
+
+    rng = np.random.default_rng(1)
+    h = hist.init(capacity=6, max_len=5, embed_dim=3)
+    past = rng.integers(0, 3, (4, 5)).astype(np.int32)
+    past_len = np.array([5, 3, 4, 2], np.int32)
+    past_emb = rng.normal(size=(4, 3)).astype(np.float32)
+    h = hist.add(h, past, past_len, past_emb, np.array([1, 1, 0, 1], bool))  # row 2 is never added
+    new = rng.integers(0, 3, (2, 5)).astype(np.int32)
+    new_len = np.array([5, 4], np.int32)
+    new_emb = rng.normal(size=(2, 3)).astype(np.float32)
+    sim = jax.jit(similarity_to_history)(h, new, new_len, new_emb)
+    kept = [0, 1, 3]
+    for i in range(2):
+        refs = [past[j, : past_len[j]].tolist() for j in kept]
+        assert float(sim.selfbleu[i]) == pytest.approx(
+            self_bleu_reference(new[i, : new_len[i]].tolist(), refs), abs=2e-6
+        )
+        cos = [
+            new_emb[i] @ past_emb[j] / np.linalg.norm(new_emb[i]) / np.linalg.norm(past_emb[j]) for j in kept
+        ]
+        assert float(sim.cosine[i]) == pytest.approx(np.mean(cos), abs=1e-6)

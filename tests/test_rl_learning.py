@@ -15,8 +15,8 @@ from alignjax.sampling import SamplingConfig, sample
 CFG = LMConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 MODELS = LlamaPlayerModels(CFG)
 TARGET, EOS, PAD = 7, 2, 0
-B, P, N = 32, 3, 4
-BETA = 0.1
+B, P, N = 64, 3, 4
+BETA = 0.05
 SAMPLING = SamplingConfig(max_new_tokens=N)  # temperature 1: the sampler draws from the policy itself
 PPO = PPOConfig(epochs=2, num_minibatches=2, kl_coef=BETA, clip_ratio=0.2, value_clip=0.2)
 
@@ -68,7 +68,7 @@ def test_ppo_raises_reward_and_kl_stays_bounded():
     assert start < 0.5, start
     assert final > 0.9, (start, final, rewards)
     assert abs(kls[0]) < 1e-4  # the first rollout comes from pi_ref itself
-    assert 0.05 < kls[-1] <= 1.0 / BETA, kls
+    assert kls[-1] > 0.05 and max(kls) <= 1.0 / BETA, kls
 
 
 if __name__ == "__main__":  # debugging aid: print the learning curve
@@ -83,5 +83,9 @@ if __name__ == "__main__":  # debugging aid: print the learning curve
     print("start", float(evaluate(ref, jax.random.PRNGKey(100))), time.time() - t0)
     for i in range(60):
         state, m = iteration(state, ref, jax.random.fold_in(key, i))
-        print(i, round(time.time() - t0, 1), {k: round(float(m[k]), 3) for k in ("score_mean", "kl_ref", "entropy")})
+        print(
+            i,
+            round(time.time() - t0, 1),
+            {k: round(float(m[k]), 3) for k in ("score_mean", "kl_ref", "entropy")},
+        )
     print("final", float(evaluate(state.policy_params, jax.random.PRNGKey(101))))

@@ -29,7 +29,9 @@ D = 8
 @pytest.fixture(scope="module", autouse=True)
 def _eight_devices():
     if jax.local_device_count() < D:
-        pytest.fail(f"needs {D} devices (tests/conftest.py sets 8 fake CPU devices), found {jax.local_device_count()}")
+        pytest.fail(
+            f"needs {D} devices (tests/conftest.py sets 8 fake CPU devices), found {jax.local_device_count()}"
+        )
 
 
 def make_rollout(seed, b=2 * D, p=5, n=6):
@@ -76,7 +78,9 @@ def test_pmapped_ppo_update_equals_single_device():
     s1, m1b = single(s1, ref, make_rollout(2), key)  # a second step: running reward moments carry over
 
     multi = parallel.pmap(make_ppo_update(MODELS, cfg, axis_name=parallel.DATA_AXIS))
-    sr, mr = multi(parallel.replicate(state), parallel.replicate(ref), parallel.shard(ro), parallel.replicate(key))
+    sr, mr = multi(
+        parallel.replicate(state), parallel.replicate(ref), parallel.shard(ro), parallel.replicate(key)
+    )
     sr, mrb = multi(sr, parallel.replicate(ref), parallel.shard(make_rollout(2)), parallel.replicate(key))
 
     # every device holds the same state

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.special
 
-from alignjax.models import LMConfig, init_critic, init_params, llama, value_forward
+from alignjax.models import LMConfig, heads, init_critic, init_params, llama, value_forward
 from alignjax.rl import (
     Experience,
     LlamaPlayerModels,
@@ -127,7 +127,9 @@ def test_policy_and_value_losses_match_numpy(nets, aggregation):
         logprobs=f32(old_logp), ref_logprobs=f32(logp), values=f32(old_vals), kl=f32(0 * m),
         rewards=f32(0 * m), advantages=f32(adv), returns=f32(returns),
     )  # fmt: skip
-    cfg = PPOConfig(clip_ratio=0.2, value_clip=0.2, entropy_coef=0.05, value_coef=0.7, loss_aggregation=aggregation)
+    cfg = PPOConfig(
+        clip_ratio=0.2, value_clip=0.2, entropy_coef=0.05, value_coef=0.7, loss_aggregation=aggregation
+    )
 
     def agg(x):
         if aggregation == "token_mean":
@@ -150,7 +152,9 @@ def test_policy_and_value_losses_match_numpy(nets, aggregation):
     vf = np.maximum((vals - returns) ** 2, (v_clip - returns) ** 2)
     vloss, vaux = value_loss(critic, mb, models=MODELS, cfg=cfg)
     np.testing.assert_allclose(vloss, 0.7 * 0.5 * agg(vf), atol=1e-5)
-    np.testing.assert_allclose(vaux["value_clip_frac"], agg((v_clip - returns) ** 2 > (vals - returns) ** 2), atol=1e-6)
+    np.testing.assert_allclose(
+        vaux["value_clip_frac"], agg((v_clip - returns) ** 2 > (vals - returns) ** 2), atol=1e-6
+    )
 
 
 @pytest.fixture(scope="module")
@@ -232,3 +236,18 @@ def test_wrong_shapes_and_bad_configs_fail_clearly(nets, update_fn):
         PPOConfig(kl_estimator="k4")
     with pytest.raises(ValueError, match="reward_scaling"):
         PPOConfig(reward_scaling="whiten")
+
+
+def test_critic_initialised_from_a_reward_model_scores_every_prefix(nets):
+    """A reward model's {"backbone", "head"} params are a critic as they are: V_t is the RM's score of
+    the prefix that ends just before response token t (heads.reward_forward is the reference)."""
+    _, _, rm_params = nets
+    ro = make_rollout(7)
+    p, n = ro.prompt_tokens.shape[1], ro.response_tokens.shape[1]
+    tokens = jnp.concatenate([ro.prompt_tokens, ro.response_tokens], 1)
+    mask = jnp.concatenate([ro.prompt_mask, ro.response_mask], 1)
+    values = MODELS.critic_values(rm_params, tokens[:, :-1], mask[:, :-1], n)
+    for t in (0, 3, n - 1):
+        want = heads.reward_forward(rm_params, CFG, tokens[:, : p + t], mask[:, : p + t])
+        rows = np.asarray(ro.response_mask[:, t]) > 0
+        np.testing.assert_allclose(np.asarray(values[:, t])[rows], np.asarray(want)[rows], atol=1e-5)

@@ -41,8 +41,14 @@ def brute_gap(r, r_div, pi, mu, tau=0.0):
         best_att = min(np_payoff(r, r_div, pi, np.eye(m)[x]) for x in range(m))
     else:
         f = lambda q: np_payoff(r, r_div, pi, q) - tau * np_entropy(np.clip(q, 1e-300, None))  # noqa: E731
-        sol = minimize(f, np.full(m, 1.0 / m), method="SLSQP", bounds=[(0, 1)] * m,
-                       constraints=[{"type": "eq", "fun": lambda q: q.sum() - 1}], options={"ftol": 1e-14})
+        sol = minimize(
+            f,
+            np.full(m, 1.0 / m),
+            method="SLSQP",
+            bounds=[(0, 1)] * m,
+            constraints=[{"type": "eq", "fun": lambda q: q.sum() - 1}],
+            options={"ftol": 1e-14},
+        )
         best_att = sol.fun
     return best_def - best_att
 
@@ -55,7 +61,9 @@ def test_nash_gap_matches_brute_force(m, n, tau):
         r_div = rng.uniform(0, 0.3, size=m)
         pi = rng.dirichlet(np.ones(n), size=m)
         mu = rng.dirichlet(np.ones(m))
-        ours = float(nash_gap(Game(jnp.asarray(r), jnp.asarray(r_div)), jnp.asarray(pi), jnp.asarray(mu), tau))
+        ours = float(
+            nash_gap(Game(jnp.asarray(r), jnp.asarray(r_div)), jnp.asarray(pi), jnp.asarray(mu), tau)
+        )
         ref = brute_gap(r, r_div, pi, mu, tau)
         assert ours >= 0
         assert ours == pytest.approx(ref, abs=1e-6)
@@ -70,7 +78,9 @@ def test_gap_vanishes_at_closed_form_equilibria():
     gibbs /= gibbs.sum()
     game = Game(jnp.asarray(r), jnp.asarray(r_div))
     assert float(nash_gap(game, jnp.asarray(greedy), jnp.asarray(gibbs), tau)) == pytest.approx(0, abs=1e-12)
-    assert float(nash_gap(game, jnp.asarray(greedy), jnp.asarray(np.eye(5)[v.argmin()]))) == pytest.approx(0, abs=1e-12)
+    assert float(nash_gap(game, jnp.asarray(greedy), jnp.asarray(np.eye(5)[v.argmin()]))) == pytest.approx(
+        0, abs=1e-12
+    )
     # ... and not at a perturbed attacker.
     assert float(nash_gap(game, jnp.asarray(greedy), jnp.full(5, 0.2), tau)) > 1e-3
 
@@ -93,8 +103,9 @@ def np_dynamics(r, r_div, T, c, tau, alternating, pi0, mu0):
     return np.mean(pis, 0), np.mean(mus, 0), pis[-1], mus[-1]
 
 
-@pytest.mark.parametrize("tau,alternating,sft", [(0.0, False, False), (0.0, True, False), (0.3, False, True),
-                                                 (0.3, True, False)])
+@pytest.mark.parametrize(
+    "tau,alternating,sft", [(0.0, False, False), (0.0, True, False), (0.3, False, True), (0.3, True, False)]
+)
 def test_dynamics_matches_numpy_loop(tau, alternating, sft):
     rng = np.random.default_rng(1)
     m, n, T = 6, 4, 300
@@ -102,9 +113,10 @@ def test_dynamics_matches_numpy_loop(tau, alternating, sft):
     pi0 = rng.dirichlet(np.ones(n), size=m) if sft else np.full((m, n), 1 / n)
     mu0 = rng.dirichlet(np.ones(m)) if sft else np.full(m, 1 / m)
     ref = np_dynamics(r, r_div, T, 0.5, tau, alternating, pi0, mu0)
-    res = dynamics.run(Game(jnp.asarray(r), jnp.asarray(r_div)), T, 0.5, tau, alternating,
-                       jnp.asarray(pi0), jnp.asarray(mu0))
-    for ours, theirs in zip((res.pi_avg, res.mu_avg, res.pi_last, res.mu_last), ref):
+    res = dynamics.run(
+        Game(jnp.asarray(r), jnp.asarray(r_div)), T, 0.5, tau, alternating, jnp.asarray(pi0), jnp.asarray(mu0)
+    )
+    for ours, theirs in zip((res.pi_avg, res.mu_avg, res.pi_last, res.mu_last), ref, strict=True):
         np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-9, atol=1e-12)
     # The defender's last iterate in closed form: pi_T ∝ pi_1 exp((T-1) r / beta).
     cf = pi0 * np.exp((T - 1) * r / (0.5 * np.sqrt(T)))
@@ -119,7 +131,9 @@ M, N, TAU = 20, 10, 0.1
 @pytest.fixture(scope="module")
 def sweep():
     with jax.enable_x64(True):
-        games = jax.vmap(lambda k: random_game(k, M, N, 0.0, jnp.float64))(jax.random.split(jax.random.PRNGKey(3), 4))
+        games = jax.vmap(lambda k: random_game(k, M, N, 0.0, jnp.float64))(
+            jax.random.split(jax.random.PRNGKey(3), 4)
+        )
 
         @jax.jit
         def go(T):
@@ -127,12 +141,21 @@ def sweep():
                 return dynamics.run(game, T, 1.0, tau, alt)
 
             per_game = jax.vmap(one, in_axes=(0, None, None))
-            return jax.vmap(per_game, in_axes=(None, 0, 0))(games, jnp.array([0.0, 0.0, TAU]),
-                                                            jnp.array([False, True, False]))
+            return jax.vmap(per_game, in_axes=(None, 0, 0))(
+                games, jnp.array([0.0, 0.0, TAU]), jnp.array([False, True, False])
+            )
 
         runs = [jax.device_get(go(int(T))) for T in TS]  # each: DynamicsResult with leading [3, 4]
-        gaps = np.stack([[jax.vmap(nash_gap, in_axes=(0, 0, 0, None))(games, rr.pi_avg[v], rr.mu_avg[v], tau)
-                          for v, tau in enumerate((0.0, 0.0, TAU))] for rr in runs], -1)  # [3, 4, K]
+        gaps = np.stack(
+            [
+                [
+                    jax.vmap(nash_gap, in_axes=(0, 0, 0, None))(games, rr.pi_avg[v], rr.mu_avg[v], tau)
+                    for v, tau in enumerate((0.0, 0.0, TAU))
+                ]
+                for rr in runs
+            ],
+            -1,
+        )  # [3, 4, K]
         return jax.device_get(games), runs, np.asarray(gaps)
 
 
@@ -205,8 +228,11 @@ def test_best_loglinear_value():
     assert best == pytest.approx(float(mu @ r.max(1)), abs=1e-2)
     # Shared features: at least as good as a NumPy random search over theta.
     feats = rng.normal(size=(m, n, d))
-    best = float(dynamics.best_loglinear_value(game, jnp.asarray(feats), log_pi0, jnp.asarray(mu),
-                                               jax.random.PRNGKey(1)))
+    best = float(
+        dynamics.best_loglinear_value(
+            game, jnp.asarray(feats), log_pi0, jnp.asarray(mu), jax.random.PRNGKey(1)
+        )
+    )
     thetas = rng.normal(scale=5.0, size=(4000, d))
     logits = np.einsum("xyd,kd->kxy", feats, thetas)
     pol = np.exp(logits - logits.max(-1, keepdims=True))
@@ -217,10 +243,21 @@ def test_best_loglinear_value():
 def test_nash_gap_experiment_runs(tmp_path):
     from alignjax.cli import load_experiment
 
-    module, cfg = load_experiment("nash_gap", ["sizes=[[4,3]]", "games=2", "t_max=100", "points_per_decade=2",
-                                               "fit_t_min=10", "coupled.m=4", "coupled.n=3",
-                                               "coupled.restricted_steps=10", "coupled.restricted_starts=2",
-                                               "spec_games=0"])
+    module, cfg = load_experiment(
+        "nash_gap",
+        [
+            "sizes=[[4,3]]",
+            "games=2",
+            "t_max=100",
+            "points_per_decade=2",
+            "fit_t_min=10",
+            "coupled.m=4",
+            "coupled.n=3",
+            "coupled.restricted_steps=10",
+            "coupled.restricted_starts=2",
+            "spec_games=0",
+        ],
+    )
     module.run(cfg, tmp_path)
     text = (tmp_path / "results.md").read_text()
     assert "| 4x3 | sim |" in text and "Coupled variant" in text

@@ -29,6 +29,7 @@ step counter, the final state is bitwise identical to that of an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -50,6 +51,7 @@ class LoopConfig:
     max_to_keep: int = 2  # checkpoints kept (>= 2 so a damaged latest one has a fallback)
     num_devices: int = 0  # devices of the data axis; 0 = all local devices
     tensorboard: bool = True
+    check_replicas: bool = False  # after each chunk, verify the state is bitwise equal on all devices
 
     def __post_init__(self):
         if self.total_steps < 0 or self.chunk_size < 1:
@@ -88,6 +90,13 @@ def _with_step(state, step):
     return state._replace(step=step) if hasattr(state, "_replace") else state.replace(step=step)
 
 
+@functools.lru_cache(maxsize=16)
+def pmapped_chunk(step_fn: Callable, length: int, devices: tuple) -> Callable:
+    """The compiled chunk for (step_fn, length, devices), cached so that several runs in one process
+    (a resumed run, tests) reuse one compilation."""
+    return jax.pmap(make_chunk_fn(step_fn, length), axis_name=AXIS, devices=list(devices), in_axes=(0, None))
+
+
 def to_host(tree):
     """Device arrays -> NumPy with strong dtypes (so fresh and restored states compile identically)."""
     return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
@@ -122,7 +131,10 @@ class MetricLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def write(self, record: dict):
-        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()}
+        record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()
+                  if np.ndim(v) == 0}
+        # NaN marks "not measured in this step" (e.g. the PPO metrics of the player that did not learn)
+        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
@@ -194,17 +206,15 @@ def run_loop(
         tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
 
     log = MetricLog(run_dir, start, cfg.tensorboard)
-    chunk_fns: dict[int, Callable] = {}
     state_r = replicate(state, n_dev)
     bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     try:
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
-            if length not in chunk_fns:
-                chunk_fns[length] = jax.pmap(make_chunk_fn(step_fn, length), axis_name=AXIS, devices=devices,
-                                             in_axes=(0, None))
             t0 = time.perf_counter()
-            state_r, metrics = chunk_fns[length](state_r, consts)
+            state_r, metrics = pmapped_chunk(step_fn, length, tuple(devices))(state_r, consts)
+            if cfg.check_replicas and not all_equal_across_devices(state_r):
+                raise RuntimeError(f"game state diverged across devices in the chunk ending at step {start + length}")
             metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
             state = unreplicate(state_r)
             seconds = time.perf_counter() - t0

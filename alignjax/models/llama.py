@@ -152,6 +152,34 @@ def attention(q, k, v, mask):
     return out.reshape(b, t, hq, hd)
 
 
+def _decode_attention(q, k_new, v_new, ck, cv, mask, index):
+    """Attention of one new token over the cache before its write plus itself.
+
+    q [B, 1, Hq, hd], k_new / v_new [B, 1, Hkv, hd], ck / cv [B, S, Hkv, hd] (slot `index` not yet
+    written), mask [B, 1, S] (slot `index` = the new token). Same result as `attention` over the
+    updated cache: softmax over {cache slots allowed by mask, s != index} and the new key (if allowed).
+    Broadcast multiply + reduce keeps the cache in its stored layout (no transposed copies)."""
+    b, _, hq, hd = q.shape
+    hkv = ck.shape[2]
+    scale = 1.0 / math.sqrt(hd)
+    neg = jnp.finfo(jnp.float32).min
+    q32 = q.reshape(b, hkv, hq // hkv, hd).astype(jnp.float32)  # [B, Hkv, G, hd]
+    slots = jnp.arange(ck.shape[1])
+    cache_ok = mask[:, 0, :] & (slots != index)[None]  # [B, S]
+    s_cache = jnp.sum(q32[:, None] * ck.astype(jnp.float32)[:, :, :, None, :], axis=-1) * scale  # [B,S,Hkv,G]
+    s_cache = jnp.where(cache_ok[:, :, None, None], s_cache, neg)
+    self_ok = jnp.take_along_axis(mask[:, 0, :], jnp.full((b, 1), index), axis=1)[:, :, None]  # [B, 1, 1]
+    s_self = jnp.sum(q32 * k_new.astype(jnp.float32)[:, 0, :, None, :], axis=-1) * scale  # [B, Hkv, G]
+    s_self = jnp.where(self_ok, s_self, neg)
+    m = jnp.maximum(jnp.max(s_cache, axis=1), s_self)  # [B, Hkv, G]
+    e_cache = jnp.exp(s_cache - m[:, None])
+    e_self = jnp.exp(s_self - m)
+    z = jnp.sum(e_cache, axis=1) + e_self
+    out = jnp.sum(e_cache[..., None] * cv.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, Hkv, G, hd]
+    out = (out + e_self[..., None] * v_new.astype(jnp.float32)[:, 0, :, None, :]) / z[..., None]
+    return out.astype(q.dtype).reshape(b, 1, hq, hd)
+
+
 def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index, layer):
     b, t, _ = h.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -166,14 +194,24 @@ def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index, 
         # The whole [L, B, S, Hkv, hd] cache rides in the scan carry and only the T new slots of this
         # layer are written, so XLA updates the (donated) buffer in place instead of copying it per step.
         ck, cv = cache_kv
+        if t == 1:
+            # Decoding: attend to the cache as it was (read once, in place) plus the new key separately,
+            # then write the new slot; reading after the write made XLA copy the cache every step.
+            ck_l = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+            cv_l = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+            attn = _decode_attention(q, k, v, ck_l, cv_l, mask, index)
+            # The barrier orders the write after the read, so XLA can update the buffer in place.
+            attn, ck, cv = jax.lax.optimization_barrier((attn, ck, cv))
         ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, index, 0, 0))
         cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, index, 0, 0))
-        k_all = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
-        v_all = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+        if t > 1:
+            k_all = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
+            v_all = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+            attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
         new_kv = (ck, cv)
     else:
-        k_all, v_all, new_kv = k, v, None
-    attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask).reshape(b, t, hq * hd)
+        attn, new_kv = attention(q, k, v, mask), None
+    attn = attn.reshape(b, t, hq * hd)
     out = attn @ lp["wo"]
     if config.attention_out_bias:
         out = out + lp["bo"]

@@ -1,7 +1,13 @@
 """Rewards of the game: the judge interface, diversity against a history, the attacker's reward."""
 
 from alignjax.rewards import history
-from alignjax.rewards.attacker_reward import AttackerReward, AttackerRewardConfig, attacker_reward
+from alignjax.rewards.attacker_reward import (
+    AttackerReward,
+    AttackerRewardConfig,
+    Similarity,
+    attacker_reward,
+    similarity_to_history,
+)
 from alignjax.rewards.embedding import cosine_to_history, make_retokenizer, make_token_embedder
 from alignjax.rewards.history import History
 from alignjax.rewards.judge import Judge, JudgeOutput
@@ -13,6 +19,7 @@ __all__ = [
     "AttackerReward",
     "AttackerRewardConfig",
     "History",
+    "Similarity",
     "Judge",
     "JudgeOutput",
     "attacker_reward",
@@ -23,6 +30,7 @@ __all__ = [
     "self_bleu",
     "self_bleu_reference",
     "sentence_bleu_method1",
+    "similarity_to_history",
     "word_tokenize",
     "words_to_ids",
 ]

@@ -31,6 +31,10 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.rewards import history as history_lib
+from alignjax.rewards.embedding import cosine_to_history
+from alignjax.rewards.selfbleu import FORMS, self_bleu
+
 PRESETS = ("paper", "authors_code", "custom")
 
 
@@ -53,8 +57,6 @@ class AttackerRewardConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"unknown attacker reward preset {self.preset!r}; choose from {PRESETS}")
-        from alignjax.rewards.selfbleu import FORMS
-
         if self.selfbleu_form not in FORMS:
             raise ValueError(f"unknown selfbleu_form {self.selfbleu_form!r}; choose from {FORMS}")
 
@@ -94,3 +96,27 @@ def attacker_reward(
     safety = w.w_unsafe * p_unsafe.astype(jnp.float32) - w.w_safe * p_safe.astype(jnp.float32)
     diversity = -(w.w_bleu * selfbleu.astype(jnp.float32) + w.w_cos * cosine.astype(jnp.float32))
     return AttackerReward(safety + diversity, safety, diversity)
+
+
+class Similarity(NamedTuple):
+    selfbleu: jax.Array  # [B] SelfBLEU_X of each new prompt, in [0, 1]
+    cosine: jax.Array  # [B] Cos_X of each new prompt, in [-1, 1]
+
+
+def similarity_to_history(
+    history: history_lib.History,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    embeddings: jax.Array,
+    selfbleu_form: str = "per_reference",
+    chunk_size: int = 256,
+) -> Similarity:
+    """SelfBLEU_X and Cos_X [B] of new prompts against the valid entries of the history (jittable).
+
+    tokens: [B, L] right-padded prompt ids (no EOS); lengths: [B]; embeddings: [B, E]. Call it before
+    `history.add` so a prompt is not compared with itself; an empty history gives 0 for both."""
+    valid = history_lib.valid_mask(history)
+    bleu = self_bleu(
+        tokens, lengths, history.tokens, history.lengths, valid, form=selfbleu_form, chunk_size=chunk_size
+    )
+    return Similarity(bleu, cosine_to_history(embeddings, history.embeddings, valid))

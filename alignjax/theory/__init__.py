@@ -29,7 +29,22 @@ from alignjax.theory.game import (
 )
 
 __all__ = [
-    "DynamicsResult", "Game", "attacker_best_value", "best_loglinear_value", "defender_best_value", "entropy",
-    "gibbs", "loglinear_policy", "nash_gap", "natural_gradient", "payoff", "prompt_loss", "random_game", "run",
-    "run_coupled", "step_sizes", "tv", "value",
+    "DynamicsResult",
+    "Game",
+    "attacker_best_value",
+    "best_loglinear_value",
+    "defender_best_value",
+    "entropy",
+    "gibbs",
+    "loglinear_policy",
+    "nash_gap",
+    "natural_gradient",
+    "payoff",
+    "prompt_loss",
+    "random_game",
+    "run",
+    "run_coupled",
+    "step_sizes",
+    "tv",
+    "value",
 ]

@@ -34,7 +34,9 @@ class CoupledConfig:
     enabled: bool = True
     m: int = 20  # prompts
     n: int = 10  # responses
-    features: int = 4  # d, the shared parameter's dimension (d << m*(n-1): the class cannot be greedy everywhere)
+    features: int = (
+        4  # d, the shared parameter's dimension (d << m*(n-1): the class cannot be greedy everywhere)
+    )
     restricted_starts: int = 16  # multi-start ascent for the class's best response (a lower bound)
     restricted_steps: int = 200
 
@@ -126,7 +128,8 @@ def make_coupled_sweep(c: float, cc: CoupledConfig):
         log_pi0 = jnp.zeros_like(game.r) - jnp.log(game.r.shape[1])
         ka, kl = jax.random.split(key)
         best = lambda mu, k: dynamics.best_loglinear_value(  # noqa: E731
-            game, feats, log_pi0, mu, k, cc.restricted_starts, cc.restricted_steps)
+            game, feats, log_pi0, mu, k, cc.restricted_starts, cc.restricted_steps
+        )
         # Restricted gaps: the defender may only deviate within its log-linear class (lower bounds).
         out["restricted_gap_avg"] = best(res.mu_avg, ka) - jnp.min(prompt_loss(game, res.pi_avg))
         out["restricted_gap_last"] = best(res.mu_last, kl) - jnp.min(prompt_loss(game, res.pi_last))
@@ -154,14 +157,25 @@ def _run(cfg: Config) -> dict:
     taus = jnp.asarray([VARIANTS[k][0] * cfg.tau for k in names], dtype)
     alts = jnp.asarray([VARIANTS[k][1] for k in names])
     sweep = make_tabular_sweep(cfg.c)
-    out = {"T": ts.tolist(), "variants": names, "tabular": {}, "coupled": None, "spec_check": None, "seconds": {}}
+    out = {
+        "T": ts.tolist(),
+        "variants": names,
+        "tabular": {},
+        "coupled": None,
+        "spec_check": None,
+        "seconds": {},
+    }
     total = len(cfg.sizes) * len(ts) + (len(ts) if cfg.coupled.enabled else 0)
     bar = tqdm(total=total, desc="nash_gap", unit="T")
     for m, n in cfg.sizes:
         t0 = time.time()
         key, kg, ks = jax.random.split(key, 3)
-        games = jax.vmap(lambda k: random_game(k, m, n, cfg.div_scale, dtype))(jax.random.split(kg, cfg.games))
-        sft = jax.vmap(lambda k: _sft_init(k, m, n, cfg.sft_sharpness, dtype))(jax.random.split(ks, cfg.games))
+        games = jax.vmap(lambda k, m=m, n=n: random_game(k, m, n, cfg.div_scale, dtype))(
+            jax.random.split(kg, cfg.games)
+        )
+        sft = jax.vmap(lambda k, m=m, n=n: _sft_init(k, m, n, cfg.sft_sharpness, dtype))(
+            jax.random.split(ks, cfg.games)
+        )
         uni = (jnp.full((cfg.games, m, n), 1.0 / n, dtype), jnp.full((cfg.games, m), 1.0 / m, dtype))
         pi0 = jnp.stack([sft[0] if VARIANTS[k][2] else uni[0] for k in names])
         mu0 = jnp.stack([sft[1] if VARIANTS[k][2] else uni[1] for k in names])
@@ -186,7 +200,9 @@ def _run(cfg: Config) -> dict:
         t0 = time.time()
         cc = cfg.coupled
         key, kg, kf, kr = jax.random.split(key, 4)
-        games = jax.vmap(lambda k: random_game(k, cc.m, cc.n, cfg.div_scale, dtype))(jax.random.split(kg, cfg.games))
+        games = jax.vmap(lambda k: random_game(k, cc.m, cc.n, cfg.div_scale, dtype))(
+            jax.random.split(kg, cfg.games)
+        )
         feats = jax.random.normal(kf, (cfg.games, cc.m, cc.n, cc.features), dtype)
         csweep = make_coupled_sweep(cfg.c, cc)
         rows = []
@@ -218,7 +234,8 @@ def _table(cfg: Config, out: dict) -> str:
         f"median [min, max] over games; 'tail' fits T >= {cfg.fit_t_min}, 'all' the whole grid "
         f"{ts[0]}..{ts[-1]}. NEGap*sqrt(T): median over games.",
         "",
-        "| size | variant | slope tail | slope all | " + " | ".join(f"√T·gap T={t:g}" for t in show)
+        "| size | variant | slope tail | slope all | "
+        + " | ".join(f"√T·gap T={t:g}" for t in show)
         + f" | last-iterate gap T={ts[-1]:g} |",
         "|---|---|---|---|" + "---|" * len(show) + "---|",
     ]
@@ -229,56 +246,80 @@ def _table(cfg: Config, out: dict) -> str:
             scaled = np.median(g * np.sqrt(ts), 0)
             lines.append(
                 f"| {size} | {name} | {_fmt_range(fit_slope(ts[tail], g[:, tail]))} | "
-                f"{_fmt_range(fit_slope(ts, g))} | " + " | ".join(f"{scaled[i]:.2f}" for i in idx)
-                + f" | {np.median(gl[:, -1]):.2e} |")
+                f"{_fmt_range(fit_slope(ts, g))} | "
+                + " | ".join(f"{scaled[i]:.2f}" for i in idx)
+                + f" | {np.median(gl[:, -1]):.2e} |"
+            )
     lines += ["", "## Spec check (20 prompts x 10 responses, simultaneous, uniform init)", ""]
     if out.get("spec_check"):
-        lines += [f"{cfg.spec_games} random games, r ~ U[0,1], R_div = 0, beta = eta = sqrt(T).", "",
-                  "| T | spec (one numpy run) | ours: mean ± sd | ours: [5%, 95%] over games |", "|---|---|---|---|"]
+        lines += [
+            f"{cfg.spec_games} random games, r ~ U[0,1], R_div = 0, beta = eta = sqrt(T).",
+            "",
+            "| T | spec (one numpy run) | ours: mean ± sd | ours: [5%, 95%] over games |",
+            "|---|---|---|---|",
+        ]
         for t, s in SPEC_GAPS.items():
             g = np.asarray(out["spec_check"][t])
-            lines.append(f"| {t} | {s} | {g.mean():.3f} ± {g.std():.3f} | "
-                         f"[{np.quantile(g, 0.05):.3f}, {np.quantile(g, 0.95):.3f}] |")
+            lines.append(
+                f"| {t} | {s} | {g.mean():.3f} ± {g.std():.3f} | "
+                f"[{np.quantile(g, 0.05):.3f}, {np.quantile(g, 0.95):.3f}] |"
+            )
     else:
         lines.append("(disabled: spec_games = 0)")
     k = -1
-    lines += ["", f"## Mode collapse and the Gibbs equilibrium at T = {ts[k]:g} (medians over games)", "",
-              "| size | variant | H(mu_T) | H(mu_hat) | log m | H(Gibbs) | mass of argmin V in mu_T | "
-              "TV(mu_hat, Gibbs) | TV(mu_T, Gibbs) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Mode collapse and the Gibbs equilibrium at T = {ts[k]:g} (medians over games)",
+        "",
+        "| size | variant | H(mu_T) | H(mu_hat) | log m | H(Gibbs) | mass of argmin V in mu_T | "
+        "TV(mu_hat, Gibbs) | TV(mu_T, Gibbs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for size, res in out["tabular"].items():
         m = int(size.split("x")[0])
         for name in ("sim", "alt", "sim+ent", "alt+ent"):
-            med = lambda key: np.median(np.asarray(res[key][name])[:, k])  # noqa: E731
+            med = lambda key, res=res, name=name: np.median(np.asarray(res[key][name])[:, k])  # noqa: E731
             ent = VARIANTS[name][0] > 0
             lines.append(
                 f"| {size} | {name} | {med('H_last'):.3f} | {med('H_avg'):.3f} | {np.log(m):.3f} | "
                 f"{np.median(res['H_gibbs']):.3f} | {med('mass_argminV_last'):.3f} | "
-                + (f"{med('tv_gibbs_avg'):.4f} | {med('tv_gibbs_last'):.2e} |" if ent else "- | - |"))
+                + (f"{med('tv_gibbs_avg'):.4f} | {med('tv_gibbs_last'):.2e} |" if ent else "- | - |")
+            )
     if out["coupled"] is not None:
         c = {k: np.asarray(v) for k, v in out["coupled"].items()}
         cc = cfg.coupled
-        lines += ["", f"## Coupled variant: log-linear defender, d = {cc.features} shared features, "
-                  f"{cc.m}x{cc.n} games (outside the theorem)", "",
-                  "Full-class gaps use the exact NEGap; restricted gaps let the defender deviate only within "
-                  "its class (best response by multi-start ascent: a lower bound). mu path = sum_t "
-                  "TV(mu_t+1, mu_t) (about 1 when mu converges monotonically).", "",
-                  "| T | gap avg (full class) | gap last (full class) | restricted gap avg | "
-                  "restricted gap last | H(mu_T) | mu path |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Coupled variant: log-linear defender, d = {cc.features} shared features, "
+            f"{cc.m}x{cc.n} games (outside the theorem)",
+            "",
+            "Full-class gaps use the exact NEGap; restricted gaps let the defender deviate only within "
+            "its class (best response by multi-start ascent: a lower bound). mu path = sum_t "
+            "TV(mu_t+1, mu_t) (about 1 when mu converges monotonically).",
+            "",
+            "| T | gap avg (full class) | gap last (full class) | restricted gap avg | "
+            "restricted gap last | H(mu_T) | mu path |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for i in idx:
-            md = lambda key: np.median(c[key][:, i])  # noqa: E731
-            lines.append(f"| {ts[i]:g} | {md('gap_avg'):.4f} | {md('gap_last'):.4f} | "
-                         f"{md('restricted_gap_avg'):.4f} | {md('restricted_gap_last'):.4f} | "
-                         f"{md('H_last'):.3f} | {md('mu_path'):.2f} |")
-        lines.append(f"\nslope (all T) of the full-class averaged gap: {_fmt_range(fit_slope(ts, c['gap_avg']))}; "
-                     f"of the restricted averaged gap: "
-                     f"{_fmt_range(fit_slope(ts, np.maximum(c['restricted_gap_avg'], 1e-12)))}")
+            md = lambda key, i=i: np.median(c[key][:, i])  # noqa: E731
+            lines.append(
+                f"| {ts[i]:g} | {md('gap_avg'):.4f} | {md('gap_last'):.4f} | "
+                f"{md('restricted_gap_avg'):.4f} | {md('restricted_gap_last'):.4f} | "
+                f"{md('H_last'):.3f} | {md('mu_path'):.2f} |"
+            )
+        lines.append(
+            f"\nslope (all T) of the full-class averaged gap: {_fmt_range(fit_slope(ts, c['gap_avg']))}; "
+            f"of the restricted averaged gap: "
+            f"{_fmt_range(fit_slope(ts, np.maximum(c['restricted_gap_avg'], 1e-12)))}"
+        )
     lines.append("\nWall time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in out["seconds"].items()))
     return "\n".join(lines) + "\n"
 
 
 def _band(ax, ts, a, label, **kw):
     a = np.asarray(a)
-    line, = ax.plot(ts, np.median(a, 0), label=label, **kw)
+    (line,) = ax.plot(ts, np.median(a, 0), label=label, **kw)
     ax.fill_between(ts, a.min(0), a.max(0), alpha=0.2, color=line.get_color())
 
 
@@ -299,23 +340,46 @@ def _plot(cfg: Config, out: dict, path) -> None:
         s = fit_slope(ts[tail], g[:, tail])
         _band(ax, ts, g, f"{size}: slope {np.median(s):.2f} [{s.min():.2f}, {s.max():.2f}]", marker=".")
     ax.plot(ts, 2 / np.sqrt(ts), "k--", lw=1, label="2 T^-1/2")
-    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="NEGap(pi_hat, mu_hat)",
-           title=f"averaged gap, simultaneous (band: min-max over games; fit T>={cfg.fit_t_min})")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T",
+        ylabel="NEGap(pi_hat, mu_hat)",
+        title=f"averaged gap, simultaneous (band: min-max over games; fit T>={cfg.fit_t_min})",
+    )
     ax.legend(fontsize=8)
     ax = axes[0, 1]
     for name in out["variants"]:
-        _band(ax, ts, res["gap_avg"][name], f"{name} (avg)", marker=".")
+        # alt-variants overlap their sim twins (the difference is a telescoping O(1/sqrt T) term): dash them
+        _band(
+            ax,
+            ts,
+            res["gap_avg"][name],
+            f"{name} (avg)",
+            marker=".",
+            ls="--" if name.startswith("alt") else "-",
+        )
     for name in ("sim", "sim+ent"):
         _band(ax, ts, np.maximum(np.asarray(res["gap_last"][name]), 1e-16), f"{name} (last iterate)", ls=":")
     ax.plot(ts, 2 / np.sqrt(ts), "k--", lw=1)
-    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="Nash gap", title=f"{main}: variants, averaged and last")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="T",
+        ylabel="Nash gap",
+        title=f"{main}: variants, averaged and last",
+    )
     ax.legend(fontsize=7)
     ax = axes[0, 2]
     g = np.asarray(res["gap_avg"]["sim"]) * np.sqrt(ts)
     _band(ax, ts, g, "sim", marker=".")
-    _band(ax, ts, np.asarray(res["gap_avg"]["alt"]) * np.sqrt(ts), "alt", marker=".")
+    _band(ax, ts, np.asarray(res["gap_avg"]["alt"]) * np.sqrt(ts), "alt", marker="x", ls="--")
     _band(ax, ts, np.asarray(res["gap_avg"]["sim+ent"]) * np.sqrt(ts), "sim+ent", marker=".")
-    ax.set(xscale="log", xlabel="T", ylabel="NEGap * sqrt(T)", title=f"{main}: NEGap*sqrt(T) (bounded = T^-1/2)")
+    mm, nn = (int(v) for v in main.split("x"))
+    ax.axhline(cfg.c * np.log(mm * nn), color="k", lw=1, ls=":", label="c ln(mn): Hedge regret constant")
+    ax.set(
+        xscale="log", xlabel="T", ylabel="NEGap * sqrt(T)", title=f"{main}: NEGap*sqrt(T) (bounded = T^-1/2)"
+    )
     ax.legend(fontsize=8)
     ax = axes[1, 0]
     m = int(main.split("x")[0])
@@ -324,14 +388,25 @@ def _plot(cfg: Config, out: dict, path) -> None:
         _band(ax, ts, res["H_avg"][name], f"H(mu_hat) {name}", ls="--")
     ax.axhline(np.log(m), color="k", lw=1, ls=":", label="log m (uniform)")
     ax.axhline(np.median(res["H_gibbs"]), color="r", lw=1, ls=":", label=f"H(Gibbs), tau={cfg.tau}")
-    ax.set(xscale="log", xlabel="T", ylabel="nats", title=f"{main}: attacker entropy (collapse without the term)")
+    ax.set(
+        xscale="log", xlabel="T", ylabel="nats", title=f"{main}: attacker entropy (collapse without the term)"
+    )
     ax.legend(fontsize=7)
     ax = axes[1, 1]
     for name in ("sim+ent", "alt+ent"):
         _band(ax, ts, res["tv_gibbs_avg"][name], f"TV(mu_hat, Gibbs) {name}", marker=".")
-        _band(ax, ts, np.maximum(np.asarray(res["tv_gibbs_last"][name]), 1e-16), f"TV(mu_T, Gibbs) {name}", ls=":")
+        _band(
+            ax,
+            ts,
+            np.maximum(np.asarray(res["tv_gibbs_last"][name]), 1e-16),
+            f"TV(mu_T, Gibbs) {name}",
+            ls=":",
+            marker="x",
+        )
     ax.axhline(0.05, color="k", lw=1, ls=":")
-    ax.set(xscale="log", yscale="log", xlabel="T", ylabel="TV", title=f"{main}: distance to mu* ∝ exp(-V/tau)")
+    ax.set(
+        xscale="log", yscale="log", xlabel="T", ylabel="TV", title=f"{main}: distance to mu* ∝ exp(-V/tau)"
+    )
     ax.legend(fontsize=8)
     ax = axes[1, 2]
     if out["coupled"] is not None:
@@ -341,8 +416,13 @@ def _plot(cfg: Config, out: dict, path) -> None:
         _band(ax, ts, np.maximum(c["restricted_gap_avg"], 1e-6), "restricted gap, avg", marker=".")
         _band(ax, ts, np.maximum(c["restricted_gap_last"], 1e-6), "restricted gap, last", ls=":")
         ax.plot(ts, 2 / np.sqrt(ts), "k--", lw=1)
-        ax.set(xscale="log", yscale="log", xlabel="T", ylabel="gap",
-               title=f"coupled: log-linear defender, d={cfg.coupled.features}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="T",
+            ylabel="gap",
+            title=f"coupled: log-linear defender, d={cfg.coupled.features}",
+        )
         ax.legend(fontsize=7)
     else:
         ax.axis("off")

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax.rewards.judge import JudgeOutput
+from alignjax.worlds import grammar as G
 
 
 class JudgeTables(NamedTuple):
@@ -64,8 +65,9 @@ def is_compliant(tables: JudgeTables, tokens, mask):
 
 
 def _prompt_hash(tokens, mask) -> jax.Array:
-    """uint32 polynomial hash of the real tokens of each row, independent of padding side/amount."""
-    m = mask.astype(bool)
+    """uint32 polynomial hash of the real tokens of each row, independent of padding side/amount and of
+    special tokens (so a prompt scores the same with or without BOS)."""
+    m = mask.astype(bool) & (tokens >= len(G.SPECIAL_TOKENS))
     rank = jnp.cumsum(m[:, ::-1], axis=1)[:, ::-1] - 1  # how many real tokens follow (0 = last)
     pow31 = jnp.asarray(np.array([pow(31, k, 2**32) for k in range(tokens.shape[1])], np.uint32))
     terms = (tokens.astype(jnp.uint32) + 1) * pow31[jnp.clip(rank, 0)]

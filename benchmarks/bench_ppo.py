@@ -1,0 +1,228 @@
+"""One PPO update of a player (policy + its own critic): alignjax (JAX, jitted) vs an equivalent
+PyTorch implementation (transformers `LlamaForCausalLM` policy and reference, `LlamaModel` + linear value
+head critic, the same losses and AdamW), same process, same weights, same batch.
+
+    python benchmarks/bench_ppo.py                          # ~134M Llama, batch 8 x (64 + 128) tokens
+    ALIGNJAX_BENCH_SMALL=1 python benchmarks/bench_ppo.py   # smoke run, well under a minute
+
+One update = experience (policy, reference and critic forwards on the batch, per-token KL rewards,
+GAE, whitening) + one epoch of one minibatch (policy forward/backward, critic forward/backward, two
+AdamW steps with global-norm clipping). Both sides compute logits only on the response positions and
+the entropy metric under no-grad; fp32 throughout. Compile time (ours, paid once per shape) is
+printed separately and excluded from the timings. Both sides' first-update losses are printed so
+that the equivalence of the two implementations can be seen.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from alignjax.models import LMConfig, init_critic, init_params, save_pretrained
+from alignjax.rl import (
+    LlamaPlayerModels,
+    OptimizerConfig,
+    PPOConfig,
+    Rollout,
+    compute_experience,
+    make_player_state,
+    make_ppo_update,
+)
+
+SMALL = os.environ.get("ALIGNJAX_BENCH_SMALL", "") not in ("", "0")
+REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "1" if SMALL else "3"))
+
+
+def timed(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
+    """The PyTorch reference: returns (experience time, full update time, first-update losses)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    policy = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).train()
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    backbone = transformers.LlamaModel.from_pretrained(folder, dtype=torch.float32).train()
+    value_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+    with torch.no_grad():
+        value_head.weight.copy_(torch.tensor(np.asarray(head["kernel"]))[None, :])
+        value_head.bias.fill_(float(head["bias"]))
+    critic_params = list(backbone.parameters()) + list(value_head.parameters())
+
+    def factor(step, w=100):  # the authors' warm-up + inverse-sqrt schedule
+        return max(max(step / w, 0.1) if step < w else (w / max(w, step)) ** 0.5, 1e-8)
+
+    opts = []
+    for params, lr in ((list(policy.parameters()), lrs[0]), (critic_params, lrs[1])):
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.0)
+        opts.append((params, opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)))
+
+    prompt, pmask, resp, rmask, scores = (torch.tensor(np.asarray(x)) for x in batch)
+    n = resp.shape[1]
+    seq = torch.cat([prompt, resp], 1)[:, :-1].long()
+    att = torch.cat([pmask, rmask], 1)[:, :-1].long()
+    m = rmask.float()
+    resp = resp.long()
+
+    def logprobs(model):
+        logits = model(input_ids=seq, attention_mask=att, logits_to_keep=n).logits
+        return logits, torch.log_softmax(logits, -1).gather(-1, resp[..., None])[..., 0]
+
+    def values():
+        h = backbone(input_ids=seq, attention_mask=att).last_hidden_state[:, -n:]
+        return value_head(h)[..., 0]
+
+    def mmean(x):
+        return (x * m).sum() / m.sum()
+
+    def experience():
+        with torch.no_grad():
+            _, logp = logprobs(policy)
+            _, ref_logp = logprobs(ref)
+            v = values() * m
+            logp, ref_logp = logp * m, ref_logp * m
+            rewards = -cfg.kl_coef * (logp - ref_logp)
+            last = (m.sum(1) - 1).long()
+            rewards[torch.arange(len(last)), last] += scores
+            rewards = rewards * m
+            adv = torch.zeros_like(rewards)
+            running = torch.zeros_like(rewards[:, 0])
+            for t in reversed(range(n)):
+                next_m = m[:, t + 1] if t + 1 < n else torch.zeros_like(running)
+                next_v = v[:, t + 1] * next_m if t + 1 < n else torch.zeros_like(running)
+                delta = rewards[:, t] + cfg.gamma * next_v - v[:, t]
+                running = delta + cfg.gamma * cfg.lam * next_m * running
+                adv[:, t] = running
+            adv = adv * m
+            returns = (adv + v) * m
+            mean = mmean(adv)
+            var = mmean((adv - mean) ** 2)
+            adv = (adv - mean) * torch.rsqrt(var + 1e-8) * m
+        return logp, v, adv, returns
+
+    def update():
+        old_logp, old_v, adv, returns = experience()
+        logits, logp = logprobs(policy)
+        ratio = torch.exp((logp - old_logp) * m)
+        pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_ratio, 1 + cfg.clip_ratio))
+        pg_loss = mmean(pg)
+        with torch.no_grad():
+            lp = torch.log_softmax(logits, -1)
+            entropy = mmean(-(lp.exp() * lp).sum(-1))
+        pg_loss.backward()
+        v = values()
+        v_clip = old_v + torch.clamp(v - old_v, -cfg.value_clip, cfg.value_clip)
+        vf_loss = 0.5 * mmean(torch.max((v - returns) ** 2, (v_clip - returns) ** 2))
+        vf_loss.backward()
+        for params, opt, sched in opts:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        return pg_loss.item(), vf_loss.item(), entropy.item()
+
+    losses = update()  # warm-up, and the losses of the first update for the equivalence check
+    t_exp = timed(experience, repeats)
+    t_upd = timed(update, repeats)
+    return t_exp, t_upd, losses
+
+
+def main():
+    import torch
+    import transformers
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    if SMALL:
+        config = LMConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+                          num_kv_heads=4, max_position_embeddings=512)  # fmt: skip
+        b, p, n = 4, 16, 32
+    else:
+        config = LMConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
+                          num_heads=12, num_kv_heads=12, max_position_embeddings=2048)  # fmt: skip
+        b, p, n = 8, 64, 128
+    cfg = PPOConfig(epochs=1, num_minibatches=1, kl_coef=0.01, clip_ratio=0.2, value_clip=0.2)
+    lrs = (5e-7, 1.5e-6)  # defender and critic learning rates of the authors' script
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with {threads} "
+          f"threads; transformers {transformers.__version__}")  # fmt: skip
+    print(f"model: {config.num_params / 1e6:.1f}M params per network (L={config.num_layers}, "
+          f"d={config.hidden_size}, V={config.vocab_size}), fp32; batch {b} x ({p} prompt + {n} response) "
+          f"tokens; policy + reference + critic; 1 epoch x 1 minibatch; median of {REPEATS}")  # fmt: skip
+
+    params = init_params(config, jax.random.key(0))
+    critic = init_critic(config, jax.random.key(1), backbone=params, head_std=0.02)
+    rng = np.random.default_rng(0)
+    batch = Rollout(
+        jnp.asarray(rng.integers(3, config.vocab_size, size=(b, p)), jnp.int32),
+        jnp.ones((b, p), jnp.int32),
+        jnp.asarray(rng.integers(3, config.vocab_size, size=(b, n)), jnp.int32),
+        jnp.ones((b, n), jnp.int32),
+        jnp.asarray(rng.uniform(size=b), jnp.float32),
+    )
+
+    # ----- PyTorch, on the same weights through an exported HF folder
+    with tempfile.TemporaryDirectory() as d:
+        save_pretrained(params, config, d)
+        t_exp_pt, t_upd_pt, losses_pt = torch_side(d, critic["head"], batch, cfg, lrs, REPEATS)
+    gc.collect()
+
+    # ----- ours
+    models = LlamaPlayerModels(config)
+    opt_policy = OptimizerConfig(learning_rate=lrs[0], warmup_steps=100)
+    opt_critic = OptimizerConfig(learning_rate=lrs[1], warmup_steps=100)
+    state = make_player_state(params, critic, opt_policy, opt_critic)
+    ref = jax.tree.map(jnp.copy, params)
+    update = jax.jit(make_ppo_update(models, cfg))
+    experience = jax.jit(functools.partial(compute_experience, models=models, cfg=cfg))
+    key = jax.random.PRNGKey(0)
+
+    t = time.perf_counter()
+    new_state, metrics = jax.block_until_ready(update(state, ref, batch, key))
+    t_compile = time.perf_counter() - t
+    losses_ours = tuple(float(metrics[k]) for k in ("policy_loss", "value_loss", "entropy"))
+    jax.block_until_ready(experience(state.policy_params, state.critic_params, ref, batch))
+
+    holder = {"state": new_state}
+
+    def run_update():
+        holder["state"], _ = jax.block_until_ready(update(holder["state"], ref, batch, key))
+
+    run_experience = lambda: jax.block_until_ready(
+        experience(state.policy_params, state.critic_params, ref, batch)
+    )
+    t_exp = timed(run_experience, REPEATS)
+    t_upd = timed(run_update, REPEATS)
+
+    print("first-update losses (policy, value, entropy):")
+    print(f"  ours    {losses_ours[0]: .6f} {losses_ours[1]: .6f} {losses_ours[2]: .4f}")
+    print(f"  pytorch {losses_pt[0]: .6f} {losses_pt[1]: .6f} {losses_pt[2]: .4f}")
+    print(f"{'':32s}{'alignjax':>10s}{'pytorch':>10s}{'pytorch/ours':>14s}")
+    rows = [
+        ("experience (3 forwards + GAE)", t_exp, t_exp_pt),
+        ("full PPO update", t_upd, t_upd_pt),
+        ("  of which optimisation step", t_upd - t_exp, t_upd_pt - t_exp_pt),
+    ]
+    for name, ours, theirs in rows:
+        print(f"{name:32s}{ours:9.3f}s{theirs:9.3f}s{theirs / ours:13.2f}x")
+    print(f"compile (ours, once per shape): {t_compile:.1f}s (first call, includes one update)")
+
+
+if __name__ == "__main__":
+    main()

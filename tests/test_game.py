@@ -1,0 +1,143 @@
+"""The GPO game on 8 fake CPU devices: a very small game (4 steps, two chunks) under pmap.
+
+Checks: chex shapes of the state after the game, both stages ran, the history is identical on all
+devices and received only attack-stage prompts, every sample received a reward (counted in-graph
+and, per sample, against an independent string-level reference of the world's judge), and a run
+killed between its two chunks and resumed ends bitwise identical to an uninterrupted run.
+"""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alignjax.config import build_config
+from alignjax.game import experiment as E
+from alignjax.game import schedule as sched
+from alignjax.game.loop import LoopConfig, read_metrics, replicate, run_loop, unreplicate
+from alignjax.game.step import make_play_step, play
+from alignjax.models import llama
+from alignjax.worlds import grammar as G
+from alignjax.worlds.synthetic import Player, Players
+
+N_DEV, BATCH, STEPS, CHUNK = 8, 8, 4, 2
+
+TINY = {
+    "seed": 3,
+    "world": {"n_harmful_topics": 4, "n_benign_topics": 4, "n_heldout_topics": 1, "n_eval_benign_topics": 1,
+              "n_variants": 1, "n_requests": 1, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1,
+              "num_heads": 2, "num_kv_heads": 1},
+    "game": {"batch_size": BATCH, "history_capacity": 32,
+             "schedule": {"mode": "alternating", "n_def": 1, "n_att": 1},
+             "attacker_sampling": {"max_new_tokens": 6}, "defender_sampling": {"max_new_tokens": 6},
+             "attacker_reward": {"preset": "paper", "k": 1.0}},
+    "embedder": {"kind": "bow", "dim": 8},
+    "loop": {"total_steps": STEPS, "chunk_size": CHUNK, "tensorboard": False, "check_replicas": True},
+    "export": False,
+}
+
+
+def random_players(world, seed=0):
+    """Untrained tiny players: the game's plumbing does not need SFT'd ones (keeps the test fast)."""
+    lm = world.lm_config()
+    ka, kd = jax.random.split(jax.random.PRNGKey(seed))
+    return Players(attacker=Player(llama.init_params(lm, ka), lm), defender=Player(llama.init_params(lm, kd), lm))
+
+
+@pytest.fixture(scope="module")
+def game():
+    cfg = build_config(E.Config, TINY)
+    from alignjax.worlds.synthetic import SyntheticWorld
+
+    built = E.build_synthetic(cfg, progress=False, players=random_players(SyntheticWorld(cfg.world)))
+    return cfg, built, make_play_step(built.spec)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(game, tmp_path_factory):
+    cfg, built, step_fn = game
+    d = tmp_path_factory.mktemp("game_ref")
+    final = run_loop(step_fn, built.state, cfg.loop, d, consts=built.consts)
+    return d, final
+
+
+def test_small_pmapped_game_shapes_stages_and_rewards(game, uninterrupted):
+    cfg, built, _ = game
+    d, final = uninterrupted
+    assert jax.device_count() == N_DEV
+    chex.assert_trees_all_equal_shapes_and_dtypes(final, jax.tree.map(np.asarray, built.state))
+    assert int(final.step) == STEPS and int(final.cursor) == STEPS * BATCH
+    assert int(final.defender.step) == 2 and int(final.attacker.step) == 2  # alternating 1/1
+    # the history holds exactly the prompts of the two attack steps (all devices' rows)
+    assert int(final.history.count) == 2 * BATCH
+    chex.assert_shape(final.history.tokens, (32, built.spec.prompt_len))
+    records = [r for r in read_metrics(d) if "stage" in r]
+    assert [r["stage"] for r in records] == [sched.DEFEND, sched.ATTACK] * 2
+    for r in records:
+        assert r["rewards/defender_scored"] == BATCH and r["rewards/judged"] == BATCH
+        if r["stage"] == sched.ATTACK:
+            assert r["rewards/attacker_scored"] == BATCH
+            assert "attacker/ppo/policy_loss" in r and "defender/ppo/policy_loss" not in r
+        else:
+            assert "defender/ppo/policy_loss" in r and "attacker/ppo/policy_loss" not in r
+        assert all(np.isfinite(v) for v in r.values())
+    # the defender moved, its frozen reference did not
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), final.defender.policy_params, final.defender_ref)
+    assert any(jax.tree.leaves(moved))
+    chex.assert_trees_all_equal(final.defender_ref, jax.tree.map(np.asarray, built.state.defender_ref))
+
+
+def test_killed_between_chunks_resumes_bitwise(game, uninterrupted, tmp_path):
+    cfg, built, step_fn = game
+    _, ref = uninterrupted
+
+    class Killed(Exception):
+        pass
+
+    def die(step, state):
+        if step == STEPS:  # the second chunk ran; its checkpoint was not written
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_loop(step_fn, built.state, cfg.loop, tmp_path, consts=built.consts, before_save=die)
+    final = run_loop(step_fn, built.state, cfg.loop, tmp_path, consts=built.consts)
+    for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ref), strict=True):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def _reference_judge(world, x_text: str, y_text: str):
+    """Independent string-level judge of the world (grammar.py): unsafe = a harmful topic's object
+    word in x and a step marker in y; the defender's score subtracts 1 for a refused benign prompt."""
+    words, answer = x_text.split(), y_text.split()
+    harmful = any(G.object_word(t) in words for t in world.harmful_topics)
+    benign = not harmful and any(G.object_word(t) in words for t in world.benign_topics)
+    compliant = any(m in answer for m in G.STEP_MARKERS)
+    unsafe = harmful and compliant
+    return float(unsafe), (1.0 - unsafe) - 1.0 * (benign and not compliant)
+
+
+def test_every_sample_scored_per_device(game):
+    """One rollout batch under pmap: every episode on every device has finite scores equal to the
+    reference judge of its decoded texts (nothing dropped or reordered)."""
+    _, built, _ = game
+    spec, world = built.spec, built.world
+    seeds, seeds_mask = built.consts.seed_tokens[:BATCH], built.consts.seed_mask[:BATCH]
+    batch = (seeds.reshape(N_DEV, BATCH // N_DEV, -1), seeds_mask.reshape(N_DEV, BATCH // N_DEV, -1))
+    keys = jax.random.split(jax.random.PRNGKey(0), N_DEV)
+    ep = jax.pmap(lambda s, b, k: play(spec, s, b, k), axis_name="data", in_axes=(0, 0, 0))(
+        replicate(built.state, N_DEV), batch, keys)
+    ep = jax.tree.map(lambda x: np.asarray(x).reshape((BATCH,) + x.shape[2:]), ep)
+    x_mask = (np.arange(ep.prompt.shape[1])[None] < ep.prompt_lengths[:, None])
+    x_texts = world.decode(ep.prompt, x_mask)
+    y_texts = world.decode(ep.response, ep.response_mask)
+    assert np.all(np.isfinite(ep.defender_score)) and np.all(np.isfinite(ep.judge.p_unsafe))
+    for i in range(BATCH):
+        p_unsafe, score = _reference_judge(world, x_texts[i], y_texts[i])
+        assert ep.judge.p_unsafe[i] == p_unsafe, (x_texts[i], y_texts[i])
+        assert ep.defender_score[i] == pytest.approx(score), (x_texts[i], y_texts[i])
+    # the attacker's prompts become the defender's input: "<s> human : {x} ai :"
+    d_texts = world.decode(ep.defender_input, ep.defender_input_mask)
+    assert all(d == f"human : {x} ai :".replace("  ", " ") for d, x in zip(d_texts, x_texts, strict=True))
