@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from alignjax.models.config import LMConfig
 from alignjax.models.llama import hidden_states, init_cache, lm_logits
@@ -74,7 +76,7 @@ class SamplingConfig:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r} (use greedy=True for argmax)")
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r} (greedy=True for argmax)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -197,19 +199,19 @@ def _choose(logits, seen, key, cfg: SamplingConfig):
 
 
 def _eos_tuple(eos_id) -> tuple[int, ...]:
+    """None | int | sequence of ints -> a hashable tuple of Python ints (a static jit argument)."""
     if eos_id is None:
         return ()
-    if isinstance(eos_id, int):
-        return (eos_id,)
-    if isinstance(eos_id, Sequence) and all(isinstance(e, int) for e in eos_id):
-        return tuple(eos_id)
-    raise TypeError(f"eos_id must be None, an int or a tuple of ints, got {eos_id!r}")
+    ids = eos_id if isinstance(eos_id, Sequence | np.ndarray) else [eos_id]
+    try:
+        return tuple(operator.index(e) for e in ids)
+    except TypeError:
+        raise TypeError(f"eos_id must be None, an int or a sequence of ints, got {eos_id!r}") from None
 
 
 # ----------------------------------------------------------------------------- the sampler
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling_cfg", "eos_id", "pad_id"))
 def sample(
     params,
     config: LMConfig,
@@ -217,7 +219,7 @@ def sample(
     prompt_mask: jax.Array,
     key: jax.Array,
     sampling_cfg: SamplingConfig,
-    eos_id: int | tuple[int, ...] | None,
+    eos_id: int | Sequence[int] | None,
     pad_id: int,
 ) -> SampleOutput:
     """Sample N = sampling_cfg.max_new_tokens tokens after each left-padded prompt.
@@ -237,12 +239,33 @@ def sample(
 
     Generated token t of row b has rotary position n_b + t, n_b = sum(prompt_mask[b]) (the positions
     HF uses for left-padded batches). The loop stops early once every row has finished.
+
+    Callable inside an outer `jax.jit` (the configs, eos_id and pad_id must then be Python values).
+    With concrete (non-traced) masks, left padding and non-empty rows are checked on the host.
     """
+    if not isinstance(sampling_cfg, SamplingConfig):
+        raise TypeError(f"sampling_cfg must be a SamplingConfig, got {type(sampling_cfg).__name__}")
+    try:
+        pad_id = operator.index(pad_id)
+    except TypeError:
+        raise TypeError(f"pad_id must be an int, got {pad_id!r}") from None
+    if not isinstance(prompt_mask, jax.core.Tracer):
+        m = np.asarray(prompt_mask)
+        if m.ndim == 2 and m.size:
+            if not np.all(m[:, -1] != 0):
+                raise ValueError("every prompt needs at least one real token, left-padded (mask[:, -1] == 1)")
+            if np.any(np.diff(m.astype(bool).astype(np.int8), axis=-1) < 0):
+                raise ValueError("prompts must be left-padded: a 0 follows a 1 in prompt_mask")
+    return _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, _eos_tuple(eos_id), pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling_cfg", "eos_id", "pad_id"))
+def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_id, pad_id) -> SampleOutput:
     chex.assert_rank([prompt_tokens, prompt_mask], 2)
     chex.assert_equal_shape([prompt_tokens, prompt_mask])
     b, p = prompt_tokens.shape
     n_new, v = sampling_cfg.max_new_tokens, config.vocab_size
-    eos = jnp.asarray(_eos_tuple(eos_id), jnp.int32)
+    eos = jnp.asarray(eos_id, jnp.int32).reshape(-1)
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
     n_real = jnp.sum(prompt_mask, axis=-1)

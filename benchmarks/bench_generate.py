@@ -128,10 +128,11 @@ def main():
           f"(compile excluded: first call incl. compile took {t_compile:.1f} s)")
     print(f"speed-up ours / HF       : {t_hf / t_ours:7.2f} x   (target >= 2)")
     print(f"memory copy bandwidth    : {bw / 1e9:7.1f} GB/s (np.copyto, read + write)")
-    print(f"bytes per decode step    : {weight_bytes / 1e6:.0f} MB weights + {kv_per_slot * mean_live / 1e6:.0f} MB "
-          f"KV cache (mean over steps) = {step_bytes / 1e6:.0f} MB")
+    print(f"bytes per decode step    : {weight_bytes / 1e6:.0f} MB weights + "
+          f"{kv_per_slot * mean_live / 1e6:.0f} MB KV cache (mean over steps) = {step_bytes / 1e6:.0f} MB")
     print(f"decode step: ours {step_ours * 1e3:.1f} ms, floor {step_floor * 1e3:.1f} ms -> "
-          f"{step_ours / step_floor:.2f} x the floor (target <= 2); prefill + first token {t_prefill * 1e3:.0f} ms")
+          f"{step_ours / step_floor:.2f} x the floor (target <= 2); "
+          f"prefill + first token {t_prefill * 1e3:.0f} ms")
     print(f"end to end: floor {tok / (t_prefill + (new - 1) * step_floor):.1f} tokens/s with our prefill, "
           f"ours {tok / t_ours:.1f} tokens/s")
 

@@ -138,7 +138,9 @@ def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
             opt.zero_grad(set_to_none=True)
         return pg_loss.item(), vf_loss.item(), entropy.item()
 
+    print("pytorch: warm-up update ...", flush=True)
     losses = update()  # warm-up, and the losses of the first update for the equivalence check
+    print("pytorch: timing ...", flush=True)
     t_exp = timed(experience, repeats)
     t_upd = timed(update, repeats)
     return t_exp, t_upd, losses
@@ -193,6 +195,7 @@ def main():
     experience = jax.jit(functools.partial(compute_experience, models=models, cfg=cfg))
     key = jax.random.PRNGKey(0)
 
+    print("alignjax: compiling ...", flush=True)
     t = time.perf_counter()
     new_state, metrics = jax.block_until_ready(update(state, ref, batch, key))
     t_compile = time.perf_counter() - t

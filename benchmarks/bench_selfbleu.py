@@ -7,6 +7,9 @@ cycles through them), tokenised with the all-MiniLM-L6-v2 tokenizer (word pieces
 cut to 64 tokens. Without the data file, random Zipf-distributed token sequences of similar length.
 
 Run: `python benchmarks/bench_selfbleu.py` (ALIGNJAX_BENCH_SMALL=1: 16 prompts vs 512, a smoke run).
+fast_bleu parallelises with OpenMP, whose spinning threads collapse on an oversubscribed machine
+(on a shared 2-core box we saw 300 ms per BLEU object instead of 2 ms); there, run the benchmark with
+OMP_NUM_THREADS=1 to time the reference single-threaded.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def main() -> None:
     truncated = sum(len(s) > MAX_LEN for s in seqs)
     print(f"{b} new prompts vs a history buffer of capacity {capacity}, L={MAX_LEN} ({source}; "
           f"{truncated} of {len(seqs)} cut to {MAX_LEN} tokens); jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs")  # fmt: skip
+          f"{jax.devices()[0].platform}, {os.cpu_count()} CPUs; fast_bleu uses OpenMP, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")  # fmt: skip
     words_new = [[str(t) for t in r[:n]] for r, n in zip(new_ids, new_len, strict=True)]
     words_hist = [[str(t) for t in r[:n]] for r, n in zip(hist_ids, hist_len, strict=True)]
     args = [jnp.asarray(x) for x in (new_ids, new_len, hist_ids, hist_len)]

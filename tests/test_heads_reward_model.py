@@ -178,3 +178,23 @@ def test_bt_training_learns_a_synthetic_preference():
     assert float(after["accuracy"]) >= 0.95, after
     assert float(after["loss"]) < float(before["loss"])
     assert np.isfinite(float(metrics["grad_norm"]))
+
+
+def test_reward_model_judge_scores_assembled_rows_like_hf(seq_cls):
+    from alignjax.rewards.lm_judge import JudgeTemplate
+
+    path, hf = seq_cls
+    model = rm.load_reward_model(path)
+    template = JudgeTemplate(prefix=(1, 7), middle=(8,), suffix=(9, 10))
+    judge = rm.RewardModelJudge(model.params, model.config, template, offset=0.2, scale=0.5)
+    rng = np.random.default_rng(6)
+    pt, pm = random_left_padded(rng, B, 5, V, min_len=1)
+    rt, rmask = _right_padded(rng, B, 6, V)
+    out = judge(pt, pm, rt, rmask)
+    for b in range(B):
+        seq = [1, 7, *pt[b][pm[b] == 1], 8, *rt[b][rmask[b] == 1], 9, 10]
+        r = hf_logits(hf, np.asarray([seq]))[0, 0]
+        p_safe = 1 / (1 + np.exp(-(r - 0.2) / 0.5))
+        np.testing.assert_allclose(float(out.p_safe[b]), p_safe, atol=1e-5)
+        np.testing.assert_allclose(float(out.p_unsafe[b]), 1 - p_safe, atol=1e-5)
+        assert bool(out.unsafe[b]) == (p_safe < 0.5)

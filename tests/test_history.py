@@ -66,3 +66,23 @@ def test_prompt_lengths_drops_final_eos_only():
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]], jnp.int32)
     np.testing.assert_array_equal(np.asarray(hist.prompt_lengths(tokens, mask, eos)), [2, 4, 0, 0])
     np.testing.assert_array_equal(np.asarray(hist.prompt_lengths(tokens, mask)), [3, 4, 1, 0])
+
+
+def test_history_survives_an_orbax_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    h = hist.init(4, 3, 2)
+    h = hist.add(
+        h,
+        jnp.arange(15, dtype=jnp.int32).reshape(5, 3),
+        jnp.array([3, 2, 1, 3, 0]),
+        jnp.ones((5, 2)),
+        jnp.ones((5,), bool),
+    )
+    mngr = ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(0, args=ocp.args.StandardSave(h))
+    mngr.wait_until_finished()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), h)
+    restored = hist.History(*mngr.restore(0, args=ocp.args.StandardRestore(abstract)))
+    for a, b in zip(jax.tree.leaves(h), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -240,3 +240,16 @@ def test_config_validation():
                 dict(top_p=1.5), dict(repetition_penalty=0.0)):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
+
+
+def test_bad_prompts_raise_clear_errors(llama_ckpt):
+    m = load_pretrained(llama_ckpt)
+    cfg = SamplingConfig(max_new_tokens=2)
+    tokens = np.full((2, 4), 5, np.int32)
+    for mask, match in ((np.array([[1, 1, 0, 0], [1, 1, 1, 1]]), "left-padded"),
+                        (np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), "at least one real token"),
+                        (np.array([[0, 1, 0, 1], [1, 1, 1, 1]]), "left-padded")):
+        with pytest.raises(ValueError, match=match):
+            sample(m.params, m.config, tokens, mask, jax.random.key(0), cfg, 2, PAD)
+    with pytest.raises(TypeError, match="eos_id"):
+        sample(m.params, m.config, tokens, np.ones_like(tokens), jax.random.key(0), cfg, "</s>", PAD)

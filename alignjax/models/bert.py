@@ -306,9 +306,11 @@ def embed_texts(encoder: SentenceEncoder, texts: Sequence[str], batch_size: int 
     """Host helper: embeddings [N, H] of texts, in batches (jitted per batch shape)."""
     from tqdm.auto import tqdm
 
-    fn = jax.jit(encoder.embed_ids)
+    # Parameters are an argument, not a closed-over constant baked into the compiled program.
+    fn = jax.jit(sentence_embedding, static_argnums=(1, 4, 5))
     out = []
     for start in tqdm(range(0, len(texts), batch_size), desc="embed", disable=len(texts) <= batch_size):
         ids, mask = tokenize_texts(encoder, texts[start : start + batch_size])
-        out.append(np.asarray(fn(jnp.asarray(ids), jnp.asarray(mask))))
+        emb = fn(encoder.params, encoder.config, ids, mask, encoder.pooling, encoder.normalize)
+        out.append(np.asarray(emb))
     return np.concatenate(out) if out else np.zeros((0, encoder.config.hidden_size), np.float32)

@@ -157,30 +157,34 @@ def _decode_attention(q, k_new, v_new, ck, cv, mask, index):
 
     q [B, 1, Hq, hd], k_new / v_new [B, 1, Hkv, hd], ck / cv [B, S, Hkv, hd] (slot `index` not yet
     written), mask [B, 1, S] (slot `index` = the new token). Same result as `attention` over the
-    updated cache: softmax over {cache slots allowed by mask, s != index} and the new key (if allowed).
-    Broadcast multiply + reduce keeps the cache in its stored layout (no transposed copies)."""
+    updated cache: one softmax over {cache slots allowed by mask, s != index} and the new key (if
+    allowed). Reading the old cache avoids materialising an updated copy of each layer's slice."""
     b, _, hq, hd = q.shape
     hkv = ck.shape[2]
     scale = 1.0 / math.sqrt(hd)
     neg = jnp.finfo(jnp.float32).min
-    q32 = q.reshape(b, hkv, hq // hkv, hd).astype(jnp.float32)  # [B, Hkv, G, hd]
+    q4 = q.reshape(b, hkv, hq // hkv, hd)
     slots = jnp.arange(ck.shape[1])
     cache_ok = mask[:, 0, :] & (slots != index)[None]  # [B, S]
-    s_cache = jnp.sum(q32[:, None] * ck.astype(jnp.float32)[:, :, :, None, :], axis=-1) * scale  # [B,S,Hkv,G]
-    s_cache = jnp.where(cache_ok[:, :, None, None], s_cache, neg)
-    self_ok = jnp.take_along_axis(mask[:, 0, :], jnp.full((b, 1), index), axis=1)[:, :, None]  # [B, 1, 1]
-    s_self = jnp.sum(q32 * k_new.astype(jnp.float32)[:, 0, :, None, :], axis=-1) * scale  # [B, Hkv, G]
-    s_self = jnp.where(self_ok, s_self, neg)
-    m = jnp.maximum(jnp.max(s_cache, axis=1), s_self)  # [B, Hkv, G]
-    e_cache = jnp.exp(s_cache - m[:, None])
+    s_cache = (
+        jnp.einsum("bkgd,bskd->bkgs", q4, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    )
+    s_cache = jnp.where(cache_ok[:, None, None, :], s_cache, neg)  # [B, Hkv, G, S]
+    self_ok = jax.lax.dynamic_index_in_dim(mask[:, 0, :], index, axis=1, keepdims=True)[:, :, None]  # [B,1,1]
+    s_self = jnp.einsum("bkgd,bkd->bkg", q4, k_new[:, 0].astype(q.dtype), preferred_element_type=jnp.float32)
+    s_self = jnp.where(self_ok, s_self * scale, neg)  # [B, Hkv, G]
+    m = jnp.maximum(jnp.max(s_cache, axis=-1), s_self)
+    e_cache = jnp.exp(s_cache - m[..., None])
     e_self = jnp.exp(s_self - m)
-    z = jnp.sum(e_cache, axis=1) + e_self
-    out = jnp.sum(e_cache[..., None] * cv.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, Hkv, G, hd]
-    out = (out + e_self[..., None] * v_new.astype(jnp.float32)[:, 0, :, None, :]) / z[..., None]
+    z = jnp.sum(e_cache, axis=-1) + e_self
+    out = jnp.einsum(
+        "bkgs,bskd->bkgd", e_cache.astype(q.dtype), cv.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    out = (out + e_self[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)) / z[..., None]
     return out.astype(q.dtype).reshape(b, 1, hq, hd)
 
 
-def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index, layer):
+def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
     b, t, _ = h.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     x = rms_norm(h, lp["attn_norm"], config.rms_norm_eps)
@@ -190,27 +194,20 @@ def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index, 
     q = apply_rope(q.reshape(b, t, hq, hd), positions, inv_freq)
     k = apply_rope(k.reshape(b, t, hkv, hd), positions, inv_freq)
     v = v.reshape(b, t, hkv, hd)
-    if cache_kv is not None:
-        # The whole [L, B, S, Hkv, hd] cache rides in the scan carry and only the T new slots of this
-        # layer are written, so XLA updates the (donated) buffer in place instead of copying it per step.
+    if cache_kv is None:
+        attn, new_kv = attention(q, k, v, mask), None
+    else:
+        # cache_kv is this layer's cache [B, S, Hkv, hd] as it was before the call; it is only read here.
+        # The new keys / values are returned and written into the [L, ...] cache after the layer scan,
+        # with one in-place update of the donated buffer (writing inside the scan made XLA copy it).
         ck, cv = cache_kv
         if t == 1:
-            # Decoding: attend to the cache as it was (read once, in place) plus the new key separately,
-            # then write the new slot; reading after the write made XLA copy the cache every step.
-            ck_l = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
-            cv_l = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
-            attn = _decode_attention(q, k, v, ck_l, cv_l, mask, index)
-            # The barrier orders the write after the read, so XLA can update the buffer in place.
-            attn, ck, cv = jax.lax.optimization_barrier((attn, ck, cv))
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], (layer, 0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], (layer, 0, index, 0, 0))
-        if t > 1:
-            k_all = jax.lax.dynamic_index_in_dim(ck, layer, keepdims=False)
-            v_all = jax.lax.dynamic_index_in_dim(cv, layer, keepdims=False)
+            attn = _decode_attention(q, k, v, ck, cv, mask, index)
+        else:
+            k_all = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
             attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-        new_kv = (ck, cv)
-    else:
-        attn, new_kv = attention(q, k, v, mask), None
+        new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
     attn = attn.reshape(b, t, hq * hd)
     out = attn @ lp["wo"]
     if config.attention_out_bias:
@@ -277,18 +274,19 @@ def hidden_states(
     inv_freq = rope_inv_freq(config)
     h = params["embed"][tokens]
 
-    def body(carry, xs):
-        h, kv = carry
-        lp, layer = xs
-        h, kv = _layer(config, inv_freq, positions, mask, h, lp, kv, index, layer)
-        return (h, kv), None
+    def body(h, xs):
+        lp, kv = xs
+        h, new_kv = _layer(config, inv_freq, positions, mask, h, lp, kv, index)
+        return h, new_kv
 
     kv_in = None if cache is None else (cache.k, cache.v)
-    (h, kv_out), _ = jax.lax.scan(body, (h, kv_in), (params["layers"], jnp.arange(config.num_layers)))
+    h, kv_new = jax.lax.scan(body, h, (params["layers"], kv_in))  # kv_new: [L, B, T, Hkv, hd] each
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     new_cache = None
     if cache is not None:
-        new_cache = KVCache(kv_out[0], kv_out[1], valid, (index + t).astype(jnp.int32))
+        new_k = jax.lax.dynamic_update_slice(cache.k, kv_new[0], (0, 0, index, 0, 0))
+        new_v = jax.lax.dynamic_update_slice(cache.v, kv_new[1], (0, 0, index, 0, 0))
+        new_cache = KVCache(new_k, new_v, valid, (index + t).astype(jnp.int32))
     return h, new_cache
 
 

@@ -36,6 +36,8 @@ import optax
 
 from alignjax.models import heads, hf_io, llama
 from alignjax.models.config import LMConfig
+from alignjax.rewards.judge import JudgeOutput
+from alignjax.rewards.lm_judge import JudgeTemplate, assemble
 
 
 class PreferenceBatch(NamedTuple):
@@ -183,3 +185,49 @@ def init_reward_model(
 ) -> heads.CriticParams:
     """Fresh reward-model params; the head starts at N(0, 0.02^2) as HF's score layer."""
     return heads.init_critic(config, key, backbone, dtype, head_std=0.02)
+
+
+# ------------------------------------------------------------------------------------ as a judge
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params"],
+    meta_fields=["config", "template", "offset", "scale", "pad_id"],
+)
+@dataclasses.dataclass(frozen=True)
+class RewardModelJudge:
+    """A reward model behind the judge interface (alignjax.rewards.judge.Judge).
+
+    The row prefix + prompt + middle + response + suffix (lm_judge.assemble) is scored, and
+
+        p_safe = sigmoid((r - offset) / scale),   p_unsafe = 1 - p_safe,   unsafe = p_unsafe > p_safe
+
+    so a Bradley-Terry reward r maps to a probability (offset: the reward at which the judge is
+    undecided). A pytree whose leaves are the params, like LMJudge.
+    """
+
+    params: heads.CriticParams
+    config: LMConfig
+    template: JudgeTemplate
+    offset: float = 0.0
+    scale: float = 1.0
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+
+    def __call__(self, prompt_tokens, prompt_mask, response_tokens, response_mask):
+        return _rm_judge_call(self, prompt_tokens, prompt_mask, response_tokens, response_mask)
+
+
+@jax.jit
+def _rm_judge_call(judge: RewardModelJudge, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    tokens, mask = assemble(
+        judge.template, prompt_tokens, prompt_mask, response_tokens, response_mask, judge.pad_id
+    )
+    r = heads.reward_forward(judge.params, judge.config, tokens, mask)
+    p_safe = jax.nn.sigmoid((r - judge.offset) / judge.scale)
+    p_unsafe = jax.nn.sigmoid(-(r - judge.offset) / judge.scale)
+    return JudgeOutput(p_safe, p_unsafe, p_unsafe > p_safe)

@@ -149,11 +149,13 @@ def ppo_epochs(
     models: Any,
     cfg: PPOConfig,
     axis_name: str | None = None,
+    gate: jax.Array | None = None,
 ) -> tuple[PlayerState, dict[str, jax.Array], jax.Array]:
     """cfg.epochs x cfg.num_minibatches optimiser steps on an experience batch.
 
-    Returns (state with new params/opt states, metrics averaged over minibatches, all_finite [] bool).
-    `state.step` is not touched here.
+    A minibatch is applied only if its losses and gradients are finite, `gate` (e.g. "the experience
+    is finite", [] bool) holds and no earlier minibatch failed. Returns (state with new params/opt
+    states, metrics averaged over minibatches, all applied [] bool). `state.step` is not touched.
     """
     b = exp.response_tokens.shape[0]
     nm = cfg.num_minibatches
@@ -162,7 +164,7 @@ def ppo_epochs(
     mb_size = b // nm
 
     def minibatch_step(carry, mb: Experience):
-        pp, pos, cp, cos = carry
+        (pp, pos, cp, cos), alive = carry
         (_, p_aux), p_grads = jax.value_and_grad(
             functools.partial(policy_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
         )(pp, mb)
@@ -180,11 +182,12 @@ def ppo_epochs(
             "policy_grad_norm": _is_finite(p_norm),
             "critic_grad_norm": _is_finite(c_norm),
         }
-        ok = functools.reduce(jnp.logical_and, checks.values())
+        ok = functools.reduce(jnp.logical_and, checks.values()) & alive
         p_upd, new_pos = state.policy_tx.update(p_grads, pos, pp)
         c_upd, new_cos = state.critic_tx.update(c_grads, cos, cp)
         new_carry = (optax.apply_updates(pp, p_upd), new_pos, optax.apply_updates(cp, c_upd), new_cos)
-        carry = _select(ok, new_carry, carry)
+        # the select fuses into the optimizer's elementwise update, so skipping costs no extra pass
+        carry = (_select(ok, new_carry, carry[0]), ok)
         metrics = {**aux, "policy_grad_norm": p_norm, "critic_grad_norm": c_norm}
         metrics.update({NONFINITE_PREFIX + k: 1.0 - v.astype(jnp.float32) for k, v in checks.items()})
         return carry, (metrics, ok)
@@ -199,7 +202,8 @@ def ppo_epochs(
         return jax.lax.scan(minibatch_step, carry, data)
 
     carry0 = (state.policy_params, state.policy_opt_state, state.critic_params, state.critic_opt_state)
-    carry, (metrics, oks) = jax.lax.scan(epoch, carry0, jax.random.split(key, cfg.epochs))
+    alive0 = jnp.asarray(True) if gate is None else jnp.asarray(gate, bool)
+    (carry, _), (metrics, oks) = jax.lax.scan(epoch, (carry0, alive0), jax.random.split(key, cfg.epochs))
     out = {k: (jnp.sum(v) if k.startswith(NONFINITE_PREFIX) else jnp.mean(v)) for k, v in metrics.items()}
     new_state = state.replace(
         policy_params=carry[0], policy_opt_state=carry[1], critic_params=carry[2], critic_opt_state=carry[3]
@@ -252,11 +256,15 @@ def ppo_update(
         exp_checks = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in exp_checks.items()}
     exp_ok = functools.reduce(jnp.logical_and, exp_checks.values())
     new_state, train_metrics, train_ok = ppo_epochs(
-        state, exp, key, models=models, cfg=cfg, axis_name=axis_name
+        state, exp, key, models=models, cfg=cfg, axis_name=axis_name, gate=exp_ok
     )
     ok = exp_ok & train_ok
-    # all or nothing: a non-finite anything leaves params, optimizer states and reward moments as they were
-    new_state = _select(ok, new_state, state).replace(
+    # All or nothing: a non-finite anything leaves params, optimizer states and reward moments as they
+    # were. With one minibatch step the gate above already did it; otherwise earlier minibatches of a
+    # failed update must be rolled back (one extra pass over the state).
+    if cfg.epochs * cfg.num_minibatches > 1:
+        new_state = _select(ok, new_state, state)
+    new_state = new_state.replace(
         reward_moments=_select(ok, new_moments, state.reward_moments), step=state.step + 1
     )
     metrics = {**exp_metrics, **train_metrics}

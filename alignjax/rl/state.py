@@ -21,7 +21,6 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
-import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -143,9 +142,7 @@ class PlayerState:
         policy_tx: optax.GradientTransformation,
         critic_tx: optax.GradientTransformation,
     ) -> PlayerState:
-        """Fresh optimizer states for the given params; the critic is this player's own."""
-        chex.assert_tree_all_finite(policy_params)
-        chex.assert_tree_all_finite(critic_params)
+        """Fresh optimizer states for the given params; the critic is this player's own (jittable)."""
         return cls(
             policy_params=policy_params,
             policy_opt_state=policy_tx.init(policy_params),

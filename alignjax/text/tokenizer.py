@@ -34,7 +34,8 @@ class TextTokenizer:
         self.backend = backend
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
         registered = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
-        self.special_ids = frozenset(registered | {i for i in (bos_id, eos_id, pad_id, unk_id) if i is not None})
+        named = {i for i in (bos_id, eos_id, pad_id, unk_id) if i is not None}
+        self.special_ids = frozenset(registered | named)
 
     def __repr__(self):
         return (f"TextTokenizer(vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
@@ -55,7 +56,7 @@ class TextTokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_id is None:
-                raise ValueError("add_bos=True but the tokenizer has no BOS token; pass bos= to load_tokenizer")
+                raise ValueError("add_bos=True but the tokenizer has no BOS; pass bos= to load_tokenizer")
             ids = [self.bos_id, *ids]
         return ids
 
@@ -77,7 +78,7 @@ class TextTokenizer:
         truncation: what to do with a sequence longer than max_len: "error" (default; no silent loss),
         "left" (keep the last max_len tokens) or "right" (keep the first max_len)."""
         if side not in ("left", "right") or truncation not in ("error", "left", "right"):
-            raise ValueError(f"side must be left|right and truncation error|left|right, got {side}, {truncation}")
+            raise ValueError(f"side: left|right, truncation: error|left|right; got {side}, {truncation}")
         if self.pad_id is None:
             raise ValueError("the tokenizer has no pad token; pass pad= to load_tokenizer")
         longest = max((len(s) for s in seqs), default=0)
@@ -198,7 +199,8 @@ def load_tokenizer(
         if isinstance(v, str):
             i = backend.token_to_id(v)
             if i is None:
-                raise ValueError(f"{s} token {v!r} (from {'argument' if given[s] else folder}) is not in the vocabulary")
+                source = "argument" if given[s] is not None else folder
+                raise ValueError(f"{s} token {v!r} (from {source}) is not in the vocabulary")
             v = i
         if v is not None and not 0 <= v < backend.get_vocab_size(with_added_tokens=True):
             raise ValueError(f"{s} id {v} is outside the vocabulary")

@@ -96,6 +96,7 @@ class WorldConfig:
     # --- judge and rewards
     judge_logit: float = 0.0  # 0 = exact 0/1 judge; a > 0 = sigmoid(+-a + noise) classifier
     judge_noise: float = 0.0
+    judge_reads: str = "opener"  # "opener": the answer's first word decides its class | "content": step markers
     helpfulness_weight: float = 1.0
     attacker_reward: str = "p_unsafe"  # "p_unsafe" (paper) | "zero_sum" (1 - defender reward)
     # --- initial players (SFT)
@@ -134,6 +135,8 @@ class WorldConfig:
             err.append("n_eval_benign_topics must leave at least one training benign topic")
         if not 1 <= self.n_variants <= 2 or not 1 <= self.n_requests <= len(G.REQUESTS):
             err.append(f"n_variants in [1, 2], n_requests in [1, {len(G.REQUESTS)}]")
+        if self.judge_reads not in ("opener", "content"):
+            err.append(f"judge_reads must be 'opener' or 'content', got {self.judge_reads!r}")
         if self.attacker_reward not in ("p_unsafe", "zero_sum"):
             err.append(f"attacker_reward must be 'p_unsafe' or 'zero_sum', got {self.attacker_reward!r}")
         for name in ("blind_spot_compliance", "attacker_direct_prob", "attacker_keep_topic"):
@@ -143,12 +146,16 @@ class WorldConfig:
             raise ValueError("invalid WorldConfig: " + "; ".join(err))
 
     def fingerprint(self) -> str:
-        """Hash of every field (and the cache format version): the on-disk cache key of the players."""
-        blob = json.dumps({"v": CACHE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """Hash of every field that shapes the initial players (all but the judge and reward fields) and
+        of the cache format version: the on-disk cache key of the players."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in JUDGE_FIELDS}
+        blob = json.dumps({"v": CACHE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 CACHE_VERSION = 1
+# fields that change rewards only, not the SFT'd players (worlds differing only here share a cache)
+JUDGE_FIELDS = ("judge_logit", "judge_noise", "judge_reads", "helpfulness_weight", "attacker_reward")
 
 
 class Player(NamedTuple):
@@ -242,7 +249,7 @@ class SyntheticWorld:
         )
         self.refusal_opener_ids = ids(G.REFUSAL_OPENERS)
         self.compliance_opener_ids = ids(G.COMPLIANCE_OPENERS)
-        self.judge = J.make_judge(self.tables, cfg.judge_logit, cfg.judge_noise, cfg.seed)
+        self.judge = J.make_judge(self.tables, cfg.judge_logit, cfg.judge_noise, cfg.seed, cfg.judge_reads)
         self.templates = {"defender": G.DEFENDER_TEMPLATE, "attacker": G.ATTACKER_TEMPLATE}
         self._tmpl = {}
         for name, text in self.templates.items():
@@ -314,7 +321,8 @@ class SyntheticWorld:
         return J.prompt_labels(self.tables, tokens, mask)
 
     def is_compliant(self, tokens, mask):
-        return J.is_compliant(self.tables, tokens, mask)
+        """[B] bool: the judge's reading of responses [B, N] (see WorldConfig.judge_reads)."""
+        return J.is_compliant(self.tables, tokens, mask, self.cfg.judge_reads)
 
     def defender_reward(self, prompt_tokens, prompt_mask, response_tokens, response_mask):
         """[B] p_safe(x, y) - helpfulness_weight * benign(x) * (1 - compliant(y))."""
