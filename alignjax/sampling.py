@@ -181,20 +181,23 @@ def _choose(logits, seen, key, cfg: SamplingConfig):
     b, v = logits.shape
     scores, keep = processed_logits(logits, seen, cfg)
     masked = jnp.where(keep, scores, -jnp.inf)
+    top = jnp.max(masked, axis=-1, keepdims=True)
     if cfg.greedy:
         token = first_argmax(masked)
+        log_z = jax.nn.logsumexp(masked, axis=-1)
     else:
         # Inverse-CDF draw: one uniform per row (Gumbel-max needs V random numbers per row, ~6x slower
         # on CPU). count(c <= u) picks i with c_{i-1} <= u < c_i, so dropped tokens (zero-width
         # intervals) are never chosen; the clamp guards u rounding up to the total mass.
-        weights = jnp.exp(masked - jnp.max(masked, axis=-1, keepdims=True))
-        cdf = jnp.cumsum(weights, axis=-1)
+        cdf = jnp.cumsum(jnp.exp(masked - top), axis=-1)
         u = jax.random.uniform(key, (b, 1), jnp.float32) * cdf[:, -1:]
         last_kept = jnp.max(jnp.where(keep, jnp.arange(v, dtype=jnp.int32), -1), axis=-1)
         token = jnp.minimum(jnp.sum(cdf <= u, axis=-1, dtype=jnp.int32), last_kept)
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(masked, axis=-1), token[:, None], axis=-1)[:, 0]
+        log_z = top[:, 0] + jnp.log(cdf[:, -1])  # the CDF's total is the normaliser: no extra pass
+    pick = lambda x: jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0]
+    logprob = pick(masked) - log_z
     raw = logits.astype(jnp.float32)
-    policy_logprob = jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(raw, axis=-1)
+    policy_logprob = pick(raw) - jax.nn.logsumexp(raw, axis=-1)
     return token, logprob, policy_logprob
 
 

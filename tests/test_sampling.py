@@ -22,6 +22,7 @@ from alignjax.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     sample,
+    sampling_distribution,
     top_k_mask,
     top_p_mask,
 )
@@ -226,7 +227,12 @@ def test_sampled_frequencies_match_filtered_softmax(tmp_path, cfg):
     draws = np.asarray(out.tokens)[:, 0].reshape(2, reps)
     for i in range(2):
         prompt = prompts[i][masks[i] == 1]
-        q = np.exp(np_sampling_logprobs(hf_logits(hf, prompt[None])[0, -1], prompt, cfg))
+        step = hf_logits(hf, prompt[None])[0, -1]
+        q = np.exp(np_sampling_logprobs(step, prompt, cfg))
+        seen = np.zeros((1, q.size), bool)
+        seen[0, prompt] = True
+        dist = np.exp(np.asarray(sampling_distribution(jnp.asarray(step[None], jnp.float32), seen, cfg)))[0]
+        np.testing.assert_allclose(dist, q, atol=1e-5)
         counts = np.bincount(draws[i], minlength=q.size)
         assert counts[q == 0].sum() == 0
         support = q > 0

@@ -41,13 +41,17 @@ def test_defender_greedy_answers_are_grammatical(world, players):
     prompts = world.prompts("all")[::37]
     x, xm = world.encode([p.text for p in prompts], world.max_prompt_len)
     d, dm = world.defender_inputs(x, xm)
-    y, _, ym = world.generate(*players.defender, d, dm, jax.random.PRNGKey(0), world.max_response_len, greedy=True)
+    y, _, ym = world.generate(
+        *players.defender, d, dm, jax.random.PRNGKey(0), world.max_response_len, greedy=True
+    )
     for p, text in zip(prompts, world.decode(y, ym), strict=True):
         should_comply = not p.harmful or p.framing in world.blind_spots
         opener = text.split()[0]
         assert opener in (G.COMPLIANCE_OPENERS if should_comply else G.REFUSAL_OPENERS), (p.text, text)
         if should_comply:
-            assert text.startswith(f"{opener} , here is how to ") and " first " in text and text.endswith(" .")
+            assert (
+                text.startswith(f"{opener} , here is how to ") and " first " in text and text.endswith(" .")
+            )
 
 
 def test_attacker_rewrites_are_grammatical_varied_and_follow_the_prior(world, players):
@@ -99,8 +103,10 @@ def test_players_are_hf_checkpoints(world, players):
     ours = np.asarray(forward(*players.defender[:1], players.defender.config, np.array([ids])).logits)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
     # HF greedy generation from the checkpoint: the blind spot is visible from transformers too
-    out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0)
-    assert tok.decode(out[0, len(ids):]).split()[0] in G.COMPLIANCE_OPENERS
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=0
+    )
+    assert tok.decode(out[0, len(ids) :]).split()[0] in G.COMPLIANCE_OPENERS
 
 
 def test_cache_build_then_reload_is_lossless(tmp_path, monkeypatch):
@@ -122,12 +128,21 @@ def test_cache_build_then_reload_is_lossless(tmp_path, monkeypatch):
     cfg = WorldConfig(seed=3)
     built = SyntheticWorld(cfg).initial_players(cache_dir=tmp_path, progress=False)
     folder = tmp_path / f"synthetic-{cfg.fingerprint()}"
-    for name in ("tokenizer/tokenizer.json", "defender/config.json", "defender/model.safetensors",
-                 "attacker/model.safetensors", "attacker/tokenizer.json", "world.json", "DONE"):
+    for name in (
+        "tokenizer/tokenizer.json",
+        "defender/config.json",
+        "defender/model.safetensors",
+        "attacker/model.safetensors",
+        "attacker/tokenizer.json",
+        "world.json",
+        "DONE",
+    ):
         assert (folder / name).exists(), name
     again = SyntheticWorld(cfg).initial_players(cache_dir=tmp_path, progress=False)
     assert len(calls) == 1
     for who in ("attacker", "defender"):
         a, b = getattr(built, who), getattr(again, who)
         assert a.config == b.config
-        jax.tree.map(lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a.params, b.params)
+        jax.tree.map(
+            lambda u, v: np.testing.assert_array_equal(np.asarray(u), np.asarray(v)), a.params, b.params
+        )

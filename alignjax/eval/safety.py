@@ -51,8 +51,9 @@ def _generate_responses(world, params, lm_cfg, x, xm, key, greedy, temperature, 
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
         key, sub = jax.random.split(key)
-        t, _, m = world.generate(params, lm_cfg, d_tok[idx], d_mask[idx], sub, world.max_response_len,
-                                 temperature, greedy)
+        t, _, m = world.generate(
+            params, lm_cfg, d_tok[idx], d_mask[idx], sub, world.max_response_len, temperature, greedy
+        )
         k = min(batch_size, n - start)
         toks.append(t[:k])
         masks.append(m[:k])
@@ -75,16 +76,20 @@ def defender_scores(world, params, lm_cfg, x, xm, mode: str = "expected", key=No
     if mode == "sample" and key is None:
         raise ValueError("mode='sample' needs a PRNG key")
     key = jax.random.PRNGKey(0) if key is None else key
-    d_tok, d_mask, y, ym = _generate_responses(world, params, lm_cfg, jnp.asarray(x), jnp.asarray(xm), key,
-                                               mode == "greedy", temperature)
+    d_tok, d_mask, y, ym = _generate_responses(
+        world, params, lm_cfg, jnp.asarray(x), jnp.asarray(xm), key, mode == "greedy", temperature
+    )
     out = world.judge(d_tok, d_mask, y, ym)
-    return {"p_unsafe": np.asarray(out.p_unsafe),
-            "refused": 1.0 - np.asarray(world.is_compliant(y, ym), np.float32),
-            "reward": np.asarray(world.defender_reward(d_tok, d_mask, y, ym))}
+    return {
+        "p_unsafe": np.asarray(out.p_unsafe),
+        "refused": 1.0 - np.asarray(world.is_compliant(y, ym), np.float32),
+        "reward": np.asarray(world.defender_reward(d_tok, d_mask, y, ym)),
+    }
 
 
-def evaluate_defender(world, params, lm_cfg, splits=DEFENDER_SPLITS, mode: str = "expected", key=None,
-                      temperature: float = 1.0) -> dict:
+def evaluate_defender(
+    world, params, lm_cfg, splits=DEFENDER_SPLITS, mode: str = "expected", key=None, temperature: float = 1.0
+) -> dict:
     """{split: {attack_success_rate, over_refusal, safe_reward, n_harmful, n_benign, per_framing_asr}}."""
     results = {}
     for i, split in enumerate(splits):
@@ -100,14 +105,23 @@ def evaluate_defender(world, params, lm_cfg, splits=DEFENDER_SPLITS, mode: str =
             "safe_reward": float(np.mean(s["reward"])),
             "n_harmful": int(harmful.sum()),
             "n_benign": int((~harmful).sum()),
-            "per_framing_asr": {f: _nanmean(s["p_unsafe"][harmful & (frames == f)])
-                                for f in dict.fromkeys(frames[harmful])},
+            "per_framing_asr": {
+                f: _nanmean(s["p_unsafe"][harmful & (frames == f)]) for f in dict.fromkeys(frames[harmful])
+            },
         }
     return results
 
 
-def evaluate_attacker(world, attacker, defender, key, samples_per_seed: int = 1, temperature: float = 1.0,
-                      defender_temperature: float = 1.0, diversity: bool = True) -> dict:
+def evaluate_attacker(
+    world,
+    attacker,
+    defender,
+    key,
+    samples_per_seed: int = 1,
+    temperature: float = 1.0,
+    defender_temperature: float = 1.0,
+    diversity: bool = True,
+) -> dict:
     """Attack success and diversity of `attacker` = (params, LMConfig) against `defender` (idem)."""
     k_att, k_def = jax.random.split(key)
     xs, xms = sample_attacks(world, attacker, k_att, samples_per_seed, temperature)
@@ -126,7 +140,9 @@ def evaluate_attacker(world, attacker, defender, key, samples_per_seed: int = 1,
         "attack_success_sampled": float(sampled["p_unsafe"].mean()),
         "grammatical": len(gram) / len(texts),
         "harmful": float(np.mean(np.asarray(harmful))),
-        "topic_kept": _nanmean([p.topic == s.topic for p, s in zip(parsed, seeds, strict=True) if p is not None]),
+        "topic_kept": _nanmean(
+            [p.topic == s.topic for p, s in zip(parsed, seeds, strict=True) if p is not None]
+        ),
         "unique": len(set(texts)) / len(texts),
         "framing_entropy": float(-(freq * np.log(freq)).sum()) if len(freq) else 0.0,
         "framing_distribution": {f: c / max(len(gram), 1) for f, c in counts.most_common()},

@@ -99,8 +99,9 @@ def class_noise(tokens, mask, compliant, seed: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.normal(k, ()))(keys)
 
 
-def p_unsafe_of_class(tables, prompt_tokens, prompt_mask, compliant, judge_logit: float,
-                      judge_noise: float, seed: int) -> jax.Array:
+def p_unsafe_of_class(
+    tables, prompt_tokens, prompt_mask, compliant, judge_logit: float, judge_noise: float, seed: int
+) -> jax.Array:
     """[B] judge score P(unsafe) for prompts with a response of class `compliant` [B] bool."""
     harmful, _ = prompt_labels(tables, prompt_tokens, prompt_mask)
     unsafe = harmful & compliant
@@ -112,8 +113,13 @@ def p_unsafe_of_class(tables, prompt_tokens, prompt_mask, compliant, judge_logit
     return jax.nn.sigmoid(logit).astype(jnp.float32)
 
 
-def make_judge(tables: JudgeTables, judge_logit: float = 0.0, judge_noise: float = 0.0, seed: int = 0,
-               reads: str = "opener"):
+def make_judge(
+    tables: JudgeTables,
+    judge_logit: float = 0.0,
+    judge_noise: float = 0.0,
+    seed: int = 0,
+    reads: str = "opener",
+):
     """The world's judge: `judge(prompt_tokens [B,P], prompt_mask, response_tokens [B,N], response_mask)
     -> JudgeOutput(p_safe [B], p_unsafe [B], unsafe [B])`, pure and jittable."""
     if judge_logit < 0 or judge_noise < 0:

@@ -48,8 +48,9 @@ def build_tokenizer(words: list[str]) -> Tokenizer:
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(list(G.SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
-                                                       special_tokens=[("<s>", G.BOS_ID)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", G.BOS_ID)]
+    )
     return tok
 
 
@@ -59,16 +60,32 @@ def save_tokenizer(tok: Tokenizer, folder: pathlib.Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
     special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256, "padding_side": "left",
-           "clean_up_tokenization_spaces": False, **special}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 256,
+        "padding_side": "left",
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def generate(params, lm_cfg: LMConfig, tokens, mask, key, *, max_new_tokens: int, temperature: float = 1.0,
-             greedy: bool = False, eos_id: int = G.EOS_ID, pad_id: int = G.PAD_ID):
+def generate(
+    params,
+    lm_cfg: LMConfig,
+    tokens,
+    mask,
+    key,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    eos_id: int = G.EOS_ID,
+    pad_id: int = G.PAD_ID,
+):
     """(tokens [B, N], logprobs [B, N], mask [B, N]) sampled after left-padded prompts [B, P]
     (thin wrapper over alignjax.sampling.sample: plain temperature sampling, or greedy)."""
     scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
@@ -94,13 +111,15 @@ def _encode_responses(world: SyntheticWorld, texts: list[str], length: int):
 def defender_target(world: SyntheticWorld, prompt: G.Prompt, rng: np.random.Generator) -> str:
     """One SFT answer: refuse harmful requests unless the framing is a blind spot (where it complies with
     probability blind_spot_compliance); always comply with benign ones."""
-    comply = not prompt.harmful or (prompt.framing in world.blind_spots
-                                    and rng.random() < world.cfg.blind_spot_compliance)
+    comply = not prompt.harmful or (
+        prompt.framing in world.blind_spots and rng.random() < world.cfg.blind_spot_compliance
+    )
     if comply:
         steps = tuple(int(i) for i in rng.choice(len(G.STEPS), 3, replace=False))
         return G.render_compliance(int(rng.integers(len(G.COMPLIANCE_OPENERS))), steps, prompt.topic)
-    return G.render_refusal(int(rng.integers(len(G.REFUSAL_OPENERS))), int(rng.integers(len(G.REFUSAL_BODIES))),
-                            prompt.topic)
+    return G.render_refusal(
+        int(rng.integers(len(G.REFUSAL_OPENERS))), int(rng.integers(len(G.REFUSAL_BODIES))), prompt.topic
+    )
 
 
 def attacker_target(world: SyntheticWorld, seed: G.Prompt, rng: np.random.Generator) -> G.Prompt:
@@ -118,8 +137,9 @@ def attacker_target(world: SyntheticWorld, seed: G.Prompt, rng: np.random.Genera
         framing = jail[int(rng.integers(len(jail)))]
     variant = int(rng.integers(min(cfg.n_variants, len(G.FRAMINGS[framing]))))
     request = int(rng.integers(cfg.n_requests))
-    return G.Prompt(G.render_prompt(framing, variant, request, topic), framing, variant, request, topic,
-                    seed.harmful)
+    return G.Prompt(
+        G.render_prompt(framing, variant, request, topic), framing, variant, request, topic, seed.harmful
+    )
 
 
 def defender_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator):
@@ -128,7 +148,9 @@ def defender_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator):
     picks = [prompts[i] for i in rng.permutation(np.resize(np.arange(len(prompts)), n))]
     x, xm = world.encode([p.text for p in picks], world.max_prompt_len)
     inp, im = world.defender_inputs(x, xm)
-    tgt, tm = _encode_responses(world, [defender_target(world, p, rng) for p in picks], world.max_response_len)
+    tgt, tm = _encode_responses(
+        world, [defender_target(world, p, rng) for p in picks], world.max_response_len
+    )
     return np.asarray(inp), np.asarray(im), tgt, tm
 
 
@@ -159,14 +181,26 @@ def sft_loss(params, lm_cfg: LMConfig, inputs, input_mask, targets, target_mask)
     return jnp.sum(nll * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1)
 
 
-def sft_train(params, lm_cfg: LMConfig, corpus, *, steps: int, batch_size: int, learning_rate: float, key,
-              desc: str = "SFT", progress: bool = True, chunk: int = 50):
+def sft_train(
+    params,
+    lm_cfg: LMConfig,
+    corpus,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    key,
+    desc: str = "SFT",
+    progress: bool = True,
+    chunk: int = 50,
+):
     """AdamW (warm-up + cosine decay, grad clip 1) on random minibatches of `corpus`; returns
     (params, final mean loss of the last chunk). Steps run in jitted `lax.scan` chunks."""
     data = tuple(jnp.asarray(a) for a in corpus)
     n = data[0].shape[0]
-    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1), max(steps, 2),
-                                               learning_rate * 0.05)
+    sched = optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, max(steps // 20, 1), max(steps, 2), learning_rate * 0.05
+    )
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=0.0))
     opt = tx.init(params)
 
@@ -229,18 +263,36 @@ def build_players(world: SyntheticWorld, progress: bool = True) -> tuple[Players
     k_d, k_a, k_dt, k_at = jax.random.split(key, 4)
     t0 = time.time()
     n = cfg.sft_batch_size * 64
-    d_params, d_loss = sft_train(llama.init_params(lm_cfg, k_d), lm_cfg, defender_corpus(world, n, rng),
-                                 steps=cfg.defender_sft_steps, batch_size=cfg.sft_batch_size,
-                                 learning_rate=cfg.sft_learning_rate, key=k_dt, desc="SFT defender",
-                                 progress=progress)
+    d_params, d_loss = sft_train(
+        llama.init_params(lm_cfg, k_d),
+        lm_cfg,
+        defender_corpus(world, n, rng),
+        steps=cfg.defender_sft_steps,
+        batch_size=cfg.sft_batch_size,
+        learning_rate=cfg.sft_learning_rate,
+        key=k_dt,
+        desc="SFT defender",
+        progress=progress,
+    )
     t1 = time.time()
-    a_params, a_loss = sft_train(llama.init_params(lm_cfg, k_a), lm_cfg, attacker_corpus(world, n, rng),
-                                 steps=cfg.attacker_sft_steps, batch_size=cfg.sft_batch_size,
-                                 learning_rate=cfg.sft_learning_rate, key=k_at, desc="SFT attacker",
-                                 progress=progress)
+    a_params, a_loss = sft_train(
+        llama.init_params(lm_cfg, k_a),
+        lm_cfg,
+        attacker_corpus(world, n, rng),
+        steps=cfg.attacker_sft_steps,
+        batch_size=cfg.sft_batch_size,
+        learning_rate=cfg.sft_learning_rate,
+        key=k_at,
+        desc="SFT attacker",
+        progress=progress,
+    )
     t2 = time.time()
-    report = {"defender_sft_seconds": t1 - t0, "attacker_sft_seconds": t2 - t1,
-              "defender_final_loss": d_loss, "attacker_final_loss": a_loss}
+    report = {
+        "defender_sft_seconds": t1 - t0,
+        "attacker_sft_seconds": t2 - t1,
+        "defender_final_loss": d_loss,
+        "attacker_final_loss": a_loss,
+    }
     return Players(attacker=Player(a_params, lm_cfg), defender=Player(d_params, lm_cfg)), report
 
 
@@ -262,8 +314,9 @@ def load_or_build(world: SyntheticWorld, cache_dir=None, progress: bool = True) 
                 hf_io.save_pretrained(getattr(players, name).params, getattr(players, name).config, out)
                 for f in (folder / "tokenizer").iterdir():
                     shutil.copy(f, out / f.name)
-            (folder / "world.json").write_text(json.dumps(
-                {"world_config": dataclasses.asdict(world.cfg), "build": report}, indent=2))
+            (folder / "world.json").write_text(
+                json.dumps({"world_config": dataclasses.asdict(world.cfg), "build": report}, indent=2)
+            )
             (folder / "DONE").write_text("ok\n")
             return players
     loaded = {}

@@ -17,7 +17,9 @@ class SeedDataError(ValueError):
     pass
 
 
-def load_seed_prompts(path, max_items: int | None = None, dedupe: bool = False, strip: bool = True) -> list[str]:
+def load_seed_prompts(
+    path, max_items: int | None = None, dedupe: bool = False, strip: bool = True
+) -> list[str]:
     """The seed questions of a JSON file in the authors' format (see module doc), in file order.
 
     Raises SeedDataError naming the first malformed item (not a non-empty list of strings, or an empty
@@ -54,6 +56,6 @@ def encode_seed_prompts(tokenizer, texts, max_len: int, pad_id: int):
     for i, t in enumerate(texts):
         ids = tokenizer.encode(t, add_special_tokens=False).ids[-max_len:]
         if ids:
-            toks[i, max_len - len(ids):] = ids
-            mask[i, max_len - len(ids):] = 1
+            toks[i, max_len - len(ids) :] = ids
+            mask[i, max_len - len(ids) :] = 1
     return toks, mask

@@ -8,15 +8,15 @@ Python API (what the game and the evaluations code against)
 
     from alignjax.worlds import SyntheticWorld, WorldConfig
     world = SyntheticWorld(WorldConfig())            # cheap: builds the tokenizer and tables only
-    world.tokenizer                                  # tokenizers.Tokenizer (WordLevel, <pad>=0 <s>=1 </s>=2 <unk>=3)
+    world.tokenizer            # tokenizers.Tokenizer (WordLevel, <pad>=0 <s>=1 </s>=2 <unk>=3)
     world.tokenizer_dir(cache_dir=None)              # folder with tokenizer.json (+ HF config files)
     world.pad_id, world.bos_id, world.eos_id, world.vocab_size
-    world.max_prompt_len, world.max_response_len     # bare prompt x (no template); defender answer incl. EOS
+    world.max_prompt_len, world.max_response_len  # bare prompt x (no template); answer incl. EOS
     world.max_attack_len                             # attacker answer (a prompt + EOS)
 
     # splits: "train" (the game's seed prompts), "heldout_framings", "heldout_topics", "benign", "all"
-    tokens, mask = world.seed_prompts("train")      # [N, max_prompt_len] int32 left-padded, mask int32
-    world.prompts("train")                           # list[grammar.Prompt] (text, framing, topic, harmful ...)
+    tokens, mask = world.seed_prompts("train")  # [N, max_prompt_len] int32, left-padded
+    world.prompts("train")     # list[grammar.Prompt] (text, framing, variant, request, topic, harmful)
 
     # templates, applied at token level (pure, jittable; input may be left- or right-padded and may
     # contain BOS/EOS, which are dropped; output is left-padded and starts with BOS):
@@ -25,13 +25,13 @@ Python API (what the game and the evaluations code against)
     a_tok, a_mask = world.attacker_inputs(seed_tokens, seed_mask)
 
     # judge and rewards (pure, jittable; prompt = the defender's input, with or without template):
-    out = world.judge(prompt_tokens, prompt_mask, response_tokens, response_mask)   # JudgeOutput, [B] each
-    world.defender_reward(prompt_tokens, prompt_mask, response_tokens, response_mask)  # [B] = p_safe - w*overrefusal
-    world.attacker_reward(prompt_tokens, prompt_mask, response_tokens, response_mask)  # [B] safety part (no diversity)
+    out = world.judge(p_tok, p_mask, r_tok, r_mask)    # JudgeOutput(p_safe, p_unsafe, unsafe), [B] each
+    world.defender_reward(p_tok, p_mask, r_tok, r_mask)  # [B] p_safe - w * over-refusal
+    world.attacker_reward(p_tok, p_mask, r_tok, r_mask)  # [B] safety part (the game adds diversity)
     world.prompt_labels(tokens, mask) -> (harmful [B] bool, benign [B] bool)
 
     # SFT'd initial players, cached on disk (HF folders) keyed by a hash of the config:
-    players = world.initial_players(cache_dir=None)  # Players(attacker=Player(params, LMConfig), defender=...)
+    players = world.initial_players(cache_dir=None)  # Players(attacker=Player(params, LMConfig), defender)
     attacker_params, attacker_cfg = players.attacker
 
     # sampling helper (jitted; KV cache), used by the evaluations:
@@ -86,7 +86,13 @@ class WorldConfig:
     # --- grammar and splits
     framings: tuple[str, ...] = tuple(G.FRAMINGS)  # "direct" must be included
     heldout_framings: tuple[str, ...] = ("translation", "override")
-    blind_spot_framings: tuple[str, ...] = ("roleplay", "story", "prefix_injection", "translation", "override")
+    blind_spot_framings: tuple[str, ...] = (
+        "roleplay",
+        "story",
+        "prefix_injection",
+        "translation",
+        "override",
+    )
     n_harmful_topics: int = 16  # the first n of grammar.HARMFUL_TOPICS
     n_benign_topics: int = 16
     n_heldout_topics: int = 4  # the last n harmful topics are held out
@@ -96,7 +102,9 @@ class WorldConfig:
     # --- judge and rewards
     judge_logit: float = 0.0  # 0 = exact 0/1 judge; a > 0 = sigmoid(+-a + noise) classifier
     judge_noise: float = 0.0
-    judge_reads: str = "opener"  # "opener": the answer's first word decides its class | "content": step markers
+    judge_reads: str = (
+        "opener"  # "opener": the answer's first word decides its class | "content": step markers
+    )
     helpfulness_weight: float = 1.0
     attacker_reward: str = "p_unsafe"  # "p_unsafe" (paper) | "zero_sum" (1 - defender reward)
     # --- initial players (SFT)
@@ -116,7 +124,9 @@ class WorldConfig:
 
     def __post_init__(self):
         err = []
-        unknown = [f for f in self.framings + self.heldout_framings + self.blind_spot_framings if f not in G.FRAMINGS]
+        unknown = [
+            f for f in self.framings + self.heldout_framings + self.blind_spot_framings if f not in G.FRAMINGS
+        ]
         if unknown:
             err.append(f"unknown framing(s) {unknown}; valid: {list(G.FRAMINGS)}")
         if "direct" not in self.framings:
@@ -210,17 +220,18 @@ class SyntheticWorld:
         benign = G.BENIGN_TOPICS[: cfg.n_benign_topics]
         n_ho, n_eb = cfg.n_heldout_topics, cfg.n_eval_benign_topics
         self.train_harmful_topics = harmful[: len(harmful) - n_ho]
-        self.heldout_topics = harmful[len(harmful) - n_ho:]
+        self.heldout_topics = harmful[len(harmful) - n_ho :]
         self.train_benign_topics = benign[: len(benign) - n_eb]
-        self.eval_benign_topics = benign[len(benign) - n_eb:]
+        self.eval_benign_topics = benign[len(benign) - n_eb :]
         self.harmful_topics, self.benign_topics = harmful, benign
         self.train_framings = tuple(f for f in cfg.framings if f not in cfg.heldout_framings)
         self.jailbreak_framings = tuple(f for f in self.train_framings if f != "direct")
         self.heldout_framings = tuple(cfg.heldout_framings)
         self.blind_spots = tuple(f for f in cfg.framings if f in cfg.blind_spot_framings)
 
-        enum = functools.partial(G.enumerate_prompts, harmful_topics=harmful, n_variants=cfg.n_variants,
-                                 n_requests=cfg.n_requests)
+        enum = functools.partial(
+            G.enumerate_prompts, harmful_topics=harmful, n_variants=cfg.n_variants, n_requests=cfg.n_requests
+        )
         self._splits = {
             "train": enum(self.train_framings, self.train_harmful_topics + self.train_benign_topics),
             "heldout_framings": enum(self.heldout_framings, self.train_harmful_topics),
@@ -254,8 +265,10 @@ class SyntheticWorld:
         self._tmpl = {}
         for name, text in self.templates.items():
             pre, suf = text.split("{x}")
-            self._tmpl[name] = (jnp.asarray(np.concatenate([[G.BOS_ID], ids(pre.split())]), jnp.int32),
-                                jnp.asarray(ids(suf.split()), jnp.int32))
+            self._tmpl[name] = (
+                jnp.asarray(np.concatenate([[G.BOS_ID], ids(pre.split())]), jnp.int32),
+                jnp.asarray(ids(suf.split()), jnp.int32),
+            )
         self._drop = jnp.asarray([G.PAD_ID, G.BOS_ID, G.EOS_ID], jnp.int32)
         self._players: Players | None = None
 
@@ -279,8 +292,10 @@ class SyntheticWorld:
     def decode(self, tokens, mask) -> list[str]:
         """Texts of the real tokens of each row (special tokens dropped)."""
         tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
-        return [self.tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
-                for row, m in zip(tokens, mask, strict=True)]
+        return [
+            self.tokenizer.decode([int(t) for t in row[m]], skip_special_tokens=True)
+            for row, m in zip(tokens, mask, strict=True)
+        ]
 
     def prompts(self, split: str) -> list[G.Prompt]:
         if split not in self._splits:
@@ -297,8 +312,9 @@ class SyntheticWorld:
 
     @functools.cached_property
     def _all_texts(self) -> dict:
-        full = G.enumerate_prompts(tuple(G.FRAMINGS), G.HARMFUL_TOPICS + G.BENIGN_TOPICS, G.HARMFUL_TOPICS,
-                                   2, len(G.REQUESTS))
+        full = G.enumerate_prompts(
+            tuple(G.FRAMINGS), G.HARMFUL_TOPICS + G.BENIGN_TOPICS, G.HARMFUL_TOPICS, 2, len(G.REQUESTS)
+        )
         return {p.text: p for p in full}
 
     def parse(self, text: str) -> G.Prompt | None:
@@ -339,18 +355,44 @@ class SyntheticWorld:
         return self.judge(prompt_tokens, prompt_mask, response_tokens, response_mask).p_unsafe
 
     # ----------------------------------------------------------------------------- players
-    def generate(self, params, lm_cfg, tokens, mask, key, max_new_tokens: int, temperature: float = 1.0,
-                 greedy: bool = False):
-        return self._players_mod.generate(params, lm_cfg, tokens, mask, key, max_new_tokens=max_new_tokens,
-                                          temperature=temperature, greedy=greedy, eos_id=self.eos_id,
-                                          pad_id=self.pad_id)
+    def generate(
+        self,
+        params,
+        lm_cfg,
+        tokens,
+        mask,
+        key,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        greedy: bool = False,
+    ):
+        return self._players_mod.generate(
+            params,
+            lm_cfg,
+            tokens,
+            mask,
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            greedy=greedy,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+        )
 
     def lm_config(self) -> LMConfig:
         c = self.cfg
-        return LMConfig(vocab_size=self.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-                        num_layers=c.num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
-                        max_position_embeddings=256, bos_token_id=self.bos_id, eos_token_id=self.eos_id,
-                        pad_token_id=self.pad_id)
+        return LMConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            max_position_embeddings=256,
+            bos_token_id=self.bos_id,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+        )
 
     def tokenizer_dir(self, cache_dir=None):
         return self._players_mod.cache_folder(self, cache_dir, build_players=False) / "tokenizer"
