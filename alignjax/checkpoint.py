@@ -127,7 +127,9 @@ class CheckpointStore:
                     f"({type(e).__name__}: {str(e)[:200]}); falling back to the previous step",
                     stacklevel=2,
                 )
-        raise RuntimeError(f"no checkpoint in {self.directory} could be restored (steps {steps})") from last_error
+        raise RuntimeError(
+            f"no checkpoint in {self.directory} could be restored (steps {steps})"
+        ) from last_error
 
     def quarantine_after(self, step: int) -> list[pathlib.Path]:
         """Rename step folders newer than `step` (damaged ones a restore skipped) to

@@ -4,6 +4,7 @@ plus the memory-bandwidth floor of a decode step on this machine.
 
     python benchmarks/bench_generate.py                        # ~134M Llama, batch 8, 64 + 128 tokens
     ALIGNJAX_BENCH_SMALL=1 python benchmarks/bench_generate.py  # smoke run, a few seconds
+    ALIGNJAX_BENCH_REPEATS=1 ...                                # one timed call each (default 2)
 
 Floor: a decode step at batch 8 is memory-bound (perf-notes.md), so its time is at least
 (bytes of weights read + bytes of live KV cache read) / bandwidth, with the bandwidth measured here
@@ -65,6 +66,7 @@ def main():
         config = LMConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=12,
                           num_heads=12, num_kv_heads=12, max_position_embeddings=2048)
         batch, prompt_len, new, repeats = 8, 64, 128, 2
+    repeats = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", repeats))  # best of `repeats` timed calls
     cfg = SamplingConfig(max_new_tokens=new, temperature=0.8, top_p=0.9, repetition_penalty=1.1)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with {threads} "
           f"threads; transformers {transformers.__version__}")
@@ -111,7 +113,22 @@ def main():
     t_prefill = timed(lambda: ours(1), repeats)
     step_ours = (t_ours - t_prefill) / (new - 1)
 
-    # ----- floor
+    # ----- floor. Also time a pure weight-streaming probe in XLA (every weight matrix of a decode step
+    # applied to a [B, D] activation, no attention, no sampling): what this machine delivers right now,
+    # which tells a loaded machine apart from a slow sampler.
+    @jax.jit
+    def weight_probe(params, x):
+        def layer(h, lp):
+            k, v = h @ lp["wk"], h @ lp["wv"]  # [B, Hkv*hd]: folded in so they are not dead code
+            h = h + (h @ lp["wq"]) @ lp["wo"] + jnp.sum(k + v, axis=-1, keepdims=True)
+            return h + (jax.nn.silu(h @ lp["w_gate"]) * (h @ lp["w_up"])) @ lp["w_down"], None
+
+        h, _ = jax.lax.scan(layer, x, params["layers"])
+        return h @ (params["embed"].T if config.tie_word_embeddings else params["lm_head"])
+
+    x0 = jnp.ones((batch, config.hidden_size), jnp.float32)
+    jax.block_until_ready(weight_probe(params, x0))
+    t_probe = timed(lambda: jax.block_until_ready(weight_probe(params, x0)), 5)
     bw = copy_bandwidth(2**26 if SMALL else 2**29)
     leaves = jax.tree_util.tree_leaves({k: v for k, v in params.items() if k != "embed"})
     weight_bytes = sum(x.size * x.dtype.itemsize for x in leaves) + batch * config.hidden_size * 4
@@ -133,6 +150,8 @@ def main():
     print(f"decode step: ours {step_ours * 1e3:.1f} ms, floor {step_floor * 1e3:.1f} ms -> "
           f"{step_ours / step_floor:.2f} x the floor (target <= 2); "
           f"prefill + first token {t_prefill * 1e3:.0f} ms")
+    print(f"XLA weight-streaming probe (matmuls of one decode step only): {t_probe * 1e3:.1f} ms "
+          f"({weight_bytes / t_probe / 1e9:.1f} GB/s); ours / probe = {step_ours / t_probe:.2f} x")
     print(f"end to end: floor {tok / (t_prefill + (new - 1) * step_floor):.1f} tokens/s with our prefill, "
           f"ours {tok / t_ours:.1f} tokens/s")
 

@@ -6,18 +6,16 @@ and, per sample, against an independent string-level reference of the world's ju
 killed between its two chunks and resumed ends bitwise identical to an uninterrupted run.
 """
 
-import dataclasses
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from alignjax.config import build_config
 from alignjax.game import experiment as E
 from alignjax.game import schedule as sched
-from alignjax.game.loop import LoopConfig, read_metrics, replicate, run_loop, unreplicate
+from alignjax.game.loop import read_metrics, replicate, run_loop
 from alignjax.game.step import make_play_step, play
 from alignjax.models import llama
 from alignjax.worlds import grammar as G
@@ -44,7 +42,8 @@ def random_players(world, seed=0):
     """Untrained tiny players: the game's plumbing does not need SFT'd ones (keeps the test fast)."""
     lm = world.lm_config()
     ka, kd = jax.random.split(jax.random.PRNGKey(seed))
-    return Players(attacker=Player(llama.init_params(lm, ka), lm), defender=Player(llama.init_params(lm, kd), lm))
+    return Players(attacker=Player(llama.init_params(lm, ka), lm),
+                   defender=Player(llama.init_params(lm, kd), lm))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +84,8 @@ def test_small_pmapped_game_shapes_stages_and_rewards(game, uninterrupted):
             assert "defender/ppo/policy_loss" in r and "attacker/ppo/policy_loss" not in r
         assert all(np.isfinite(v) for v in r.values())
     # the defender moved, its frozen reference did not
-    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), final.defender.policy_params, final.defender_ref)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                         final.defender.policy_params, final.defender_ref)
     assert any(jax.tree.leaves(moved))
     chex.assert_trees_all_equal(final.defender_ref, jax.tree.map(np.asarray, built.state.defender_ref))
 

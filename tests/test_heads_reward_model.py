@@ -198,3 +198,30 @@ def test_reward_model_judge_scores_assembled_rows_like_hf(seq_cls):
         np.testing.assert_allclose(float(out.p_safe[b]), p_safe, atol=1e-5)
         np.testing.assert_allclose(float(out.p_unsafe[b]), 1 - p_safe, atol=1e-5)
         assert bool(out.unsafe[b]) == (p_safe < 0.5)
+
+
+def test_bt_train_step_pmean_over_devices_equals_full_batch_step():
+    """Two equal shards under pmap with axis_name: mean of shard gradients = full-batch gradient."""
+    import functools
+
+    config = LMConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1
+    )
+    optimizer = optax.sgd(0.1)
+    state = rm.init_train_state(rm.init_reward_model(config, jax.random.key(1)), optimizer)
+    batch = _marker_pairs(np.random.default_rng(7), 8, 6, 32, marker=5)
+    full, m_full = jax.jit(functools.partial(rm.bt_train_step, config=config, optimizer=optimizer))(
+        state, batch
+    )
+    shard = lambda x: x.reshape((2, x.shape[0] // 2) + x.shape[1:])
+    pstep = functools.partial(rm.bt_train_step, config=config, optimizer=optimizer, axis_name="d")
+    step = jax.pmap(pstep, "d", devices=jax.devices()[:2])
+    rep, m_rep = step(
+        jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), state), jax.tree_util.tree_map(shard, batch)
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(rep.params), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(b[0]), np.asarray(a), atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(b[0]), np.asarray(b[1]))
+    np.testing.assert_allclose(float(m_rep["loss"][0]), float(m_full["loss"]), atol=1e-6)

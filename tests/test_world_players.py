@@ -55,7 +55,7 @@ def test_defender_greedy_answers_are_grammatical(world, players):
 
 
 def test_attacker_rewrites_are_grammatical_varied_and_follow_the_prior(world, players):
-    res = evaluate_attacker(world, players.attacker, players.defender, jax.random.PRNGKey(1))
+    res = evaluate_attacker(world, players.attacker, players.defender, jax.random.PRNGKey(1), seed_stride=2)
     assert res["grammatical"] > 0.9
     assert res["unique"] > 0.3 and res["selfbleu_diversity"] > 0.5
     dist = res["framing_distribution"]

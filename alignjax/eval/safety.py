@@ -47,6 +47,7 @@ def _nanmean(x) -> float:
 def _generate_responses(world, params, lm_cfg, x, xm, key, greedy, temperature, batch_size=512):
     d_tok, d_mask = world.defender_inputs(x, xm)
     n = d_tok.shape[0]
+    batch_size = min(batch_size, n)
     toks, masks = [], []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
@@ -121,15 +122,17 @@ def evaluate_attacker(
     temperature: float = 1.0,
     defender_temperature: float = 1.0,
     diversity: bool = True,
+    seed_stride: int = 1,
 ) -> dict:
-    """Attack success and diversity of `attacker` = (params, LMConfig) against `defender` (idem)."""
+    """Attack success and diversity of `attacker` = (params, LMConfig) against `defender` (idem), from its
+    rewrites of every `seed_stride`-th training seed, `samples_per_seed` times each."""
     k_att, k_def = jax.random.split(key)
-    xs, xms = sample_attacks(world, attacker, k_att, samples_per_seed, temperature)
+    xs, xms = sample_attacks(world, attacker, k_att, samples_per_seed, temperature, seed_stride=seed_stride)
     d_params, d_cfg = defender
     expected = defender_scores(world, d_params, d_cfg, xs, xms, "expected", temperature=defender_temperature)
     sampled = defender_scores(world, d_params, d_cfg, xs, xms, "sample", k_def, defender_temperature)
     texts = world.decode(xs, xms)
-    seeds = world.prompts("train") * samples_per_seed
+    seeds = world.prompts("train")[::seed_stride] * samples_per_seed
     parsed = [world.parse(t) for t in texts]
     gram = [p for p in parsed if p is not None]
     harmful, _ = world.prompt_labels(jnp.asarray(xs), jnp.asarray(xms))

@@ -40,7 +40,7 @@ from alignjax.config import to_dict
 from alignjax.game import schedule as sched
 from alignjax.game.loop import LoopConfig, read_metrics, run_loop
 from alignjax.game.state import GameState, init_game_state
-from alignjax.game.step import GameConfig, GameConsts, GameSpec, make_play_step
+from alignjax.game.step import GameConfig, GameConsts, GameSpec, clean_prompts, make_play_step, play
 from alignjax.rewards import history as hist
 from alignjax.rl.experience import LlamaPlayerModels
 from alignjax.rl.state import OptimizerConfig, make_player_state
@@ -79,6 +79,7 @@ class EmbedderConfig:
 class EvalConfig:
     every_chunks: int = 1  # exploitability / defender evaluation cadence during the game (0 = off)
     attacker_samples_per_seed: int = 1  # rewrites per training seed in the attacker evaluation
+    real_prompts: int = 256  # real setting: seed prompts used by the initial / final evaluation
     seed: int = 1234
 
 
@@ -204,7 +205,7 @@ class Built:
     spec: GameSpec
     state: GameState
     consts: GameConsts
-    world: object
+    world: object  # the SyntheticWorld (real setting: the players' tokenizer)
     lm_cfg: object
 
 
@@ -315,7 +316,8 @@ def defender_progress(world, params, lm_cfg) -> dict:
 
     ev = evaluate_defender(world, params, lm_cfg)
     ex = exploitability(world, params, lm_cfg)
-    out = {f"eval/asr_{s}": ev[s]["attack_success_rate"] for s in ("train", "heldout_framings", "heldout_topics")}
+    splits = ("train", "heldout_framings", "heldout_topics")
+    out = {f"eval/asr_{s}": ev[s]["attack_success_rate"] for s in splits}
     out["eval/over_refusal"] = ev["benign"]["over_refusal"]
     out["eval/best_response_asr"] = ex.get("best_response_asr", float("nan"))
     out["eval/fraction_exploitable"] = ex.get("fraction_exploitable", float("nan"))
@@ -334,18 +336,21 @@ def _fmt(v) -> str:
 def results_markdown(name: str, cfg: Config, initial: dict, final: dict, extra: dict) -> str:
     """The results table of a run (defender per split, exploitability, attacker) as Markdown."""
     lines = [f"# Results: {name}", ""]
-    lines.append(f"mode `{cfg.game.schedule.mode}`, prompt source `{cfg.game.prompt_source}`, data "
-                 f"`{cfg.data}`, attacker reward `{cfg.game.attacker_reward.preset}` k={cfg.game.attacker_reward.k}, "
-                 f"{cfg.loop.total_steps} steps x batch {cfg.game.batch_size}, seed {cfg.seed}.")
-    lines += ["", "## Defender (attack success rate: exact expectation over the defender's answers; lower is better)", ""]
-    lines.append("| defender | ASR train seeds | ASR held-out framings | ASR held-out topics | over-refusal (benign) "
-                 "| safe reward (train) | best-response ASR | fraction exploitable |")
+    g = cfg.game
+    lines.append(f"mode `{g.schedule.mode}`, prompt source `{g.prompt_source}`, data `{cfg.data}`, attacker "
+                 f"reward `{g.attacker_reward.preset}` k={g.attacker_reward.k}, "
+                 f"{cfg.loop.total_steps} steps x batch {g.batch_size}, seed {cfg.seed}.")
+    lines += ["", "## Defender (attack success rate: exact expectation over the defender's answers; "
+              "lower is better)", ""]
+    lines.append("| defender | ASR train seeds | ASR held-out framings | ASR held-out topics | over-refusal "
+                 "(benign) | safe reward (train) | best-response ASR | fraction exploitable |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for label, r in (("initial (SFT)", initial), ("final", final)):
         d, ex = r["defender"], r["exploitability"]
+        asr = {s: _fmt(d[s]["attack_success_rate"]) for s in ("train", "heldout_framings", "heldout_topics")}
         lines.append("| " + " | ".join([
-            label, _fmt(d["train"]["attack_success_rate"]), _fmt(d["heldout_framings"]["attack_success_rate"]),
-            _fmt(d["heldout_topics"]["attack_success_rate"]), _fmt(d["benign"]["over_refusal"]),
+            label, asr["train"], asr["heldout_framings"], asr["heldout_topics"],
+            _fmt(d["benign"]["over_refusal"]),
             _fmt(d["train"]["safe_reward"]), _fmt(ex.get("best_response_asr", float("nan"))),
             _fmt(ex.get("fraction_exploitable", float("nan")))]) + " |")
     lines += ["", "## Attacker (rewrites of every training seed)", ""]
@@ -366,7 +371,8 @@ def results_markdown(name: str, cfg: Config, initial: dict, final: dict, extra: 
     lines.append("| defender | " + " | ".join(frames) + " |")
     lines.append("|---|" + "---|" * len(frames))
     for label, r in (("initial", initial), ("final", final)):
-        pf = {**r["defender"]["train"]["per_framing_asr"], **r["defender"]["heldout_framings"]["per_framing_asr"]}
+        d = r["defender"]
+        pf = {**d["train"]["per_framing_asr"], **d["heldout_framings"]["per_framing_asr"]}
         lines.append(f"| {label} | " + " | ".join(_fmt(pf.get(f, float("nan"))) for f in frames) + " |")
     lines += ["", "## Timing", ""]
     for k, v in extra.get("timing", {}).items():
@@ -489,7 +495,8 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
 
     def on_chunk_end(step, state):
         chunks_done["n"] += 1
-        if cfg.eval.every_chunks and (chunks_done["n"] % cfg.eval.every_chunks == 0 or step == cfg.loop.total_steps):
+        every = cfg.eval.every_chunks
+        if every and (chunks_done["n"] % every == 0 or step == cfg.loop.total_steps):
             return defender_progress(world, state.defender.policy_params, spec.defender_lm)
         return None
 
@@ -507,13 +514,18 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
                                                       cfg.eval.attacker_samples_per_seed)}
     t_eval1 = time.perf_counter()
     if cfg.export:
-        extra["export"] = export_players(run_dir, final_state, spec, world.tokenizer_dir(cfg.cache_dir or None))
+        tok_dir = world.tokenizer_dir(cfg.cache_dir or None)
+        extra["export"] = export_players(run_dir, final_state, spec, tok_dir)
     extra["plots"] = [str(p) for p in make_plots(run_dir, cfg)]
     t_end = time.perf_counter()
-    extra["timing"] = {"world + initial players (SFT or cache)": t_built - t_start,
-                       "initial evaluation": t_eval0 - t_built, "game (incl. compile, checkpoints)": t_game - t_eval0,
-                       "final evaluation": t_eval1 - t_game, "export + plots": t_end - t_eval1,
-                       "total": t_end - t_start}
+    extra["timing"] = {
+        "world + initial players (SFT or cache)": t_built - t_start,
+        "initial evaluation": t_eval0 - t_built,
+        "game (incl. compile, checkpoints, evaluations)": t_game - t_eval0,
+        "final evaluation": t_eval1 - t_game,
+        "export + plots": t_end - t_eval1,
+        "total": t_end - t_start,
+    }
     results = {"initial": initial, "final": final, **extra}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     (run_dir / "results.md").write_text(results_markdown(run_dir.parent.name, cfg, initial, final, extra))
@@ -521,9 +533,141 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     return results
 
 
+def build_real(cfg: Config, axis_name: str | None = "data") -> Built:
+    """The real-model game: HF players, Llama-Guard-style LM judge, MiniLM embedder, seed file.
+
+    The judge's weights travel in `GameConsts.judge` (not as constants of the compiled step). When the
+    judge's tokenizer differs from the players', prompts and responses are re-tokenised on the host
+    through `jax.pure_callback` (rewards.lm_judge.retokenizing_judge)."""
+    from alignjax.models import heads
+    from alignjax.models.hf_io import load_pretrained
+    from alignjax.rewards.lm_judge import JudgeTemplate, answer_token_id, load_lm_judge, retokenizing_judge
+    from alignjax.rewards.reward_model import load_reward_model
+    from alignjax.text.templates import ATTACKER_TEMPLATE, DEFENDER_TEMPLATE, TokenTemplate
+    from alignjax.text.tokenizer import load_tokenizer
+
+    dtype = jnp.bfloat16 if cfg.real.dtype == "bfloat16" else jnp.float32
+    tqdm.write("[alignjax] loading the players, the judge and the embedder")
+    d = load_pretrained(cfg.defender.checkpoint, dtype)
+    a = load_pretrained(cfg.attacker.checkpoint, dtype)
+    tok = load_tokenizer(cfg.real.tokenizer or cfg.defender.checkpoint)
+    eos = tok.eos_id if tok.eos_id is not None else d.config.eos_token_id
+    pad = tok.pad_id if tok.pad_id is not None else (d.config.pad_token_id or 0)
+    if tok.pad_id is None:
+        tok.pad_id = pad
+    d_tpl = TokenTemplate.from_string(DEFENDER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+    a_tpl = TokenTemplate.from_string(ATTACKER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+    judge_tok = load_tokenizer(cfg.real.judge)
+    j_template = JudgeTemplate.from_text(judge_tok.backend, bos_id=judge_tok.bos_id)
+    judge = load_lm_judge(cfg.real.judge, j_template, answer_token_id(judge_tok.backend, "safe"),
+                          answer_token_id(judge_tok.backend, "unsafe"), dtype,
+                          pad_id=judge_tok.pad_id if judge_tok.pad_id is not None else 0)
+    g = cfg.game
+    same_vocab = judge_tok.backend.get_vocab() == tok.backend.get_vocab()
+    if same_vocab:
+        bind_judge = lambda j: j
+    else:
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+        encode = lambda text: judge_tok.encode(text)
+        # worst case: one judge token per character of the decoded text
+        bind_judge = lambda j: retokenizing_judge(j, decode, encode, 4 * g.attacker_sampling.max_new_tokens,
+                                                  4 * g.defender_sampling.max_new_tokens, j.pad_id)
+
+    def unbound_judge(*_):
+        raise RuntimeError("the LM judge is bound from GameConsts.judge; pass consts to play()")
+
+    decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+    embed, embed_params, embed_dim = (None, None, 1)
+    if g.use_embedding and g.schedule.mode != "defend_only":
+        embed, embed_params, embed_dim = make_embedder(cfg.embedder, tok.vocab_size, decode, cfg.seed)
+    spec = GameSpec(
+        cfg=g, defender_models=LlamaPlayerModels(d.config), attacker_models=LlamaPlayerModels(a.config),
+        defender_lm=d.config, attacker_lm=a.config, judge=unbound_judge, defender_inputs=d_tpl.fill,
+        attacker_inputs=a_tpl.fill, eos_id=int(eos), pad_id=int(pad), embed=embed, embed_dim=embed_dim,
+        bind_judge=bind_judge, axis_name=axis_name,
+    )  # fmt: skip
+    key = jax.random.PRNGKey(cfg.seed)
+    k_dc, k_ac = jax.random.split(key)
+
+    def critic(player, params, lm, k):
+        if player.critic_checkpoint:
+            return load_reward_model(player.critic_checkpoint, dtype).params
+        return heads.init_critic(lm, k, params)
+
+    defender = make_player_state(d.params, critic(cfg.defender, d.params, d.config, k_dc),
+                                 cfg.defender.policy_optimizer, cfg.defender.critic_optimizer)
+    attacker = make_player_state(a.params, critic(cfg.attacker, a.params, a.config, k_ac),
+                                 cfg.attacker.policy_optimizer, cfg.attacker.critic_optimizer)
+    history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, pad)
+    state = init_game_state(defender, attacker, d.params, a.params, history, cfg.seed)
+    lines = [ln.strip() for ln in pathlib.Path(cfg.real.seed_prompts).read_text().splitlines() if ln.strip()]
+    if len(lines) < g.batch_size:
+        raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts < game.batch_size={g.batch_size}")
+    seeds, seeds_mask = tok.pad_batch(tok.encode_batch(lines), max_len=cfg.real.max_prompt_tokens, side="left",
+                                      truncation="left")
+    consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), embed_params, judge)
+    return Built(spec, state, consts, tok, d.config)
+
+
+def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -> dict:
+    """Attack success of the defender on the first n seed prompts (asked directly) and of the
+    attacker's rewrites of them (one sampled answer each, judged), plus the rewrites' diversity."""
+    from alignjax.eval.diversity import selfbleu_diversity
+
+    spec = dataclasses.replace(built.spec, axis_name=None)
+    direct = dataclasses.replace(spec, cfg=dataclasses.replace(
+        spec.cfg, prompt_source="seeds", schedule=sched.ScheduleConfig(mode="defend_only")))
+    state = built.state._replace(
+        defender=built.state.defender.replace(policy_params=defender_params),
+        attacker=built.state.attacker.replace(policy_params=attacker_params))
+    n = min(n, built.consts.seed_tokens.shape[0])
+    bsz = spec.cfg.batch_size
+    out = {"defender_asr": [], "attacker_asr": [], "prompts": [], "lengths": []}
+    for name, sp in (("defender_asr", direct), ("attacker_asr", spec)):
+        fn = jax.jit(lambda s, b, k, c, sp=sp: play(sp, s, b, k, c))
+        for start in range(0, n, bsz):
+            idx = np.minimum(np.arange(start, start + bsz), n - 1)
+            batch = (built.consts.seed_tokens[idx], built.consts.seed_mask[idx])
+            ep = fn(state, batch, jax.random.fold_in(key, start), built.consts)
+            k = min(bsz, n - start)
+            out[name].append(np.asarray(ep.judge.unsafe, np.float32)[:k])
+            if name == "attacker_asr":
+                out["prompts"].append(np.asarray(clean_prompts(ep, spec.pad_id))[:k])
+                out["lengths"].append(np.asarray(ep.prompt_lengths)[:k])
+    res = {"defender_attack_success": float(np.mean(np.concatenate(out["defender_asr"]))),
+           "attacker_attack_success": float(np.mean(np.concatenate(out["attacker_asr"]))), "n": n}
+    lengths = np.concatenate(out["lengths"])
+    if n >= 2 and lengths.max() > 0:
+        res["attacker_diversity"] = selfbleu_diversity(np.concatenate(out["prompts"]), lengths)
+    return res
+
+
 def run_real(cfg: Config, run_dir: pathlib.Path) -> dict:
-    """The real-model setting (7B Llama-architecture players, Llama Guard judge)."""
-    raise NotImplementedError(
-        "setting=real: the paths were checked, but the real-model game needs the LM judge "
-        "(alignjax/rewards/lm_judge.py) and token templates (alignjax/text) wired in; see docs/readme/game.md"
-    )
+    """The real-model setting (Llama-architecture players, Llama Guard judge). Paths were checked by
+    `check_paths`. Note: `run_loop` replicates the whole GameState on every device (pure data
+    parallelism); two 7B players with critics, references and Adam states need a sharded (FSDP)
+    layout that this loop does not provide yet, so 7B runs need a machine where one replica fits."""
+    t0 = time.perf_counter()
+    built = build_real(cfg)
+    key = jax.random.PRNGKey(cfg.eval.seed)
+    n = cfg.eval.real_prompts
+    initial = evaluate_real(built, built.state.defender_ref, built.state.attacker_ref, key, n)
+    metadata = {"config": json.loads(json.dumps(to_dict(cfg), default=_json_default))}
+    final_state = run_loop(make_play_step(built.spec), built.state, cfg.loop, run_dir, metadata,
+                           consts=built.consts, desc=run_dir.parent.name or "game")
+    final = evaluate_real(built, final_state.defender.policy_params, final_state.attacker.policy_params, key, n)
+    extra = {}
+    if cfg.export:
+        extra["export"] = export_players(run_dir, final_state, built.spec,
+                                         cfg.real.tokenizer or cfg.defender.checkpoint)
+    extra["plots"] = [str(p) for p in make_plots(run_dir, cfg)]
+    results = {"initial": initial, "final": final, **extra, "seconds": time.perf_counter() - t0}
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    lines = [f"# Results: {run_dir.parent.name}", "", f"{n} seed prompts; one sampled answer each, judged.", "",
+             "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | attacker diversity |",
+             "|---|---|---|---|"]
+    for label, r in (("initial", initial), ("final", final)):
+        lines.append(f"| {label} | {_fmt(r['defender_attack_success'])} | {_fmt(r['attacker_attack_success'])} "
+                     f"| {_fmt(r.get('attacker_diversity', float('nan')))} |")
+    (run_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return results

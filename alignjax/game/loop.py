@@ -55,7 +55,9 @@ class LoopConfig:
 
     def __post_init__(self):
         if self.total_steps < 0 or self.chunk_size < 1:
-            raise ValueError(f"need total_steps >= 0 and chunk_size >= 1, got {self.total_steps}/{self.chunk_size}")
+            raise ValueError(
+                f"need total_steps >= 0 and chunk_size >= 1, got {self.total_steps}/{self.chunk_size}"
+            )
 
 
 AXIS = "data"
@@ -70,7 +72,7 @@ def step_key(rng: jax.Array, step: jax.Array, axis_name: str | None = AXIS) -> j
 
 
 def make_chunk_fn(step_fn: Callable, length: int, axis_name: str = AXIS) -> Callable:
-    """`chunk(state, consts) -> (state, metrics[K])` for one device: `lax.scan` of `step_fn` over `length` steps."""
+    """`chunk(state, consts) -> (state, metrics[K])` on one device: `lax.scan` of `length` steps."""
 
     def chunk(state, consts):
         def body(state, _):
@@ -206,15 +208,20 @@ def run_loop(
         tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
 
     log = MetricLog(run_dir, start, cfg.tensorboard)
-    state_r = replicate(state, n_dev)
+    consts = jax.tree.map(np.asarray, consts)
     bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     try:
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
-            state_r, metrics = pmapped_chunk(step_fn, length, tuple(devices))(state_r, consts)
+            # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
+            # cache on input shardings, so feeding back its own device outputs would compile the
+            # chunk a second time; the state is fetched to the host after every chunk anyway (save).
+            state_r, metrics = pmapped_chunk(step_fn, length, tuple(devices))(replicate(state, n_dev), consts)
             if cfg.check_replicas and not all_equal_across_devices(state_r):
-                raise RuntimeError(f"game state diverged across devices in the chunk ending at step {start + length}")
+                raise RuntimeError(
+                    f"game state diverged across devices in the chunk ending at step {start + length}"
+                )
             metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
             state = unreplicate(state_r)
             seconds = time.perf_counter() - t0

@@ -81,6 +81,7 @@ class GameConsts(NamedTuple):
     seed_tokens: jax.Array  # [N, S] int32 left-padded seed prompts (the dataset D)
     seed_mask: jax.Array  # [N, S] int32
     embed_params: Any = None  # the sentence embedder's params (None without an embedder)
+    judge: Any = None  # a judge pytree holding its weights (e.g. rewards.lm_judge.LMJudge), or None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,8 @@ class GameSpec:
       over-refusal metric on benign prompts.
     embed: optional `(params, tokens [B, L], lengths [B]) -> [B, E]` sentence embedder.
     embed_dim: E (history embedding width; 1 when there is no embedder).
+    bind_judge: optional `(consts.judge) -> judge callable`: for judges whose weights travel in
+      `GameConsts.judge` (an LM judge) instead of being baked into the step as constants.
     """
 
     cfg: GameConfig
@@ -118,6 +121,7 @@ class GameSpec:
     response_compliant: Callable | None = None
     embed: Callable | None = None
     embed_dim: int = 1
+    bind_judge: Callable | None = None
     axis_name: str | None = "data"
 
     @property
@@ -181,7 +185,7 @@ def left_to_right(tokens: jax.Array, mask: jax.Array, pad_id: int) -> tuple[jax.
 # ------------------------------------------------------------------------------------ rollout
 
 
-def play(spec: GameSpec, state: GameState, batch, key: jax.Array) -> Episode:
+def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameConsts | None = None) -> Episode:
     """Rollouts and judge scores of one batch of seeds `batch = (tokens [B, S], mask [B, S])`."""
     seed_tokens, seed_mask = batch
     chex.assert_rank([seed_tokens, seed_mask], 2)
@@ -206,7 +210,10 @@ def play(spec: GameSpec, state: GameState, batch, key: jax.Array) -> Episode:
     d_in, d_mask = spec.defender_inputs(x, x_bare_mask)
     y = sample(state.defender.policy_params, spec.defender_lm, d_in, d_mask, k_def,
                cfg.defender_sampling, spec.eos_id, spec.pad_id)
-    verdict = spec.judge(x, x_bare_mask, y.tokens, y.mask)
+    judge = spec.judge
+    if consts is not None and consts.judge is not None:
+        judge = spec.bind_judge(consts.judge)
+    verdict = judge(x, x_bare_mask, y.tokens, y.mask)
     if spec.defender_score is None:
         score = verdict.p_safe
     else:
@@ -308,7 +315,7 @@ def make_game_step(spec: GameSpec) -> Callable:
     def game_step(state: GameState, batch, key: jax.Array, consts: GameConsts):
         check_game_state(state)
         k_play, k_def, k_att = jax.random.split(key, 3)
-        ep = play(spec, state, batch, k_play)
+        ep = play(spec, state, batch, k_play, consts)
         stage = sched.stage_at(state.step, cfg.schedule)
 
         # Branch outputs must share one structure: learn the metric trees abstractly.

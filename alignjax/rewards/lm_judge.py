@@ -110,10 +110,10 @@ class JudgeTemplate:
         and response ids are spliced in at the token level."""
         if text.count("{prompt}") != 1 or text.count("{response}") != 1:
             raise ValueError("template text must contain '{prompt}' and '{response}' once each")
+        if text.index("{prompt}") > text.index("{response}"):
+            raise ValueError("'{prompt}' must come before '{response}'")
         pre, rest = text.split("{prompt}")
         mid, suf = rest.split("{response}")
-        if len(pre) > text.index("{response}"):
-            raise ValueError("'{prompt}' must come before '{response}'")
         prefix = ([bos_id] if bos_id is not None else []) + _encode(tokenizer, pre)
         return cls(tuple(prefix), tuple(_encode(tokenizer, mid)), tuple(_encode(tokenizer, suf)))
 
