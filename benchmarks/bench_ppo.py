@@ -131,12 +131,13 @@ def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
         v_clip = old_v + torch.clamp(v - old_v, -cfg.value_clip, cfg.value_clip)
         vf_loss = 0.5 * mmean(torch.max((v - returns) ** 2, (v_clip - returns) ** 2))
         vf_loss.backward()
+        norms = []
         for params, opt, sched in opts:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-        return pg_loss.item(), vf_loss.item(), entropy.item()
+        return pg_loss.item(), vf_loss.item(), entropy.item(), norms[0], norms[1]
 
     print("pytorch: warm-up update ...", flush=True)
     losses = update()  # warm-up, and the losses of the first update for the equivalence check
@@ -199,7 +200,8 @@ def main():
     t = time.perf_counter()
     new_state, metrics = jax.block_until_ready(update(state, ref, batch, key))
     t_compile = time.perf_counter() - t
-    losses_ours = tuple(float(metrics[k]) for k in ("policy_loss", "value_loss", "entropy"))
+    names = ("policy_loss", "value_loss", "entropy", "policy_grad_norm", "critic_grad_norm")
+    losses_ours = tuple(float(metrics[k]) for k in names)
     jax.block_until_ready(experience(state.policy_params, state.critic_params, ref, batch))
 
     holder = {"state": new_state}
@@ -213,9 +215,11 @@ def main():
     t_exp = timed(run_experience, REPEATS)
     t_upd = timed(run_update, REPEATS)
 
-    print("first-update losses (policy, value, entropy):")
-    print(f"  ours    {losses_ours[0]: .6f} {losses_ours[1]: .6f} {losses_ours[2]: .4f}")
-    print(f"  pytorch {losses_pt[0]: .6f} {losses_pt[1]: .6f} {losses_pt[2]: .4f}")
+    # (the first minibatch has ratio 1, so its policy loss is -mean(whitened A) = 0: the policy
+    # gradient norm is the informative check)
+    print("first update: policy loss, value loss, entropy, policy grad norm, critic grad norm")
+    for who, vals in (("ours", losses_ours), ("pytorch", losses_pt)):
+        print(f"  {who:8s}" + " ".join(f"{v: .6g}" for v in vals))
     print(f"{'':32s}{'alignjax':>10s}{'pytorch':>10s}{'pytorch/ours':>14s}")
     rows = [
         ("experience (3 forwards + GAE)", t_exp, t_exp_pt),

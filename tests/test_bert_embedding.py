@@ -73,6 +73,9 @@ def test_tiny_random_bert_matches_hf_pytorch(tmp_path):
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.BertModel(cfg).eval()
+    with torch.no_grad():  # HF's init leaves biases at 0 and LayerNorm scales at 1: randomise every tensor
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "LayerNorm.weight" in name else 0.0, 0.3 if "LayerNorm" in name else 0.2)
     model.save_pretrained(tmp_path, safe_serialization=True)
     params, config = bert.load_bert(tmp_path)
     rng = np.random.default_rng(0)

@@ -164,3 +164,10 @@ def test_retokenizing_judge_matches_direct_judge(judge_ckpt):
     too_short = jax.jit(retokenizing_judge(judge, decode, encode, prompt_len=2, response_len=9))
     with pytest.raises(Exception, match="out_len"):
         jax.block_until_ready(too_short(jnp.asarray(pt + 100), jnp.ones_like(pm), jnp.asarray(rt + 100), rm))
+
+
+def test_renormalised_is_finite_when_both_probabilities_underflow():
+    out = JudgeOutput(jnp.array([0.0, 0.2]), jnp.array([0.0, 0.6]), jnp.array([False, True]))
+    ren = renormalised(out)
+    np.testing.assert_allclose(np.asarray(ren.p_safe), [0.5, 0.25], atol=1e-7)
+    np.testing.assert_allclose(np.asarray(ren.p_unsafe), [0.5, 0.75], atol=1e-7)

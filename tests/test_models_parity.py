@@ -37,6 +37,8 @@ CASES = {
     ),
     "llama_biases": dict(family="llama", attention_bias=True, mlp_bias=True),
     "mistral_window": dict(family="mistral", sliding_window=5),
+    # head_dim != hidden_size / num_heads (as Mistral-Nemo): q/k/v are [D, H*hd] with H*hd = 2D.
+    "mistral_head_dim": dict(family="mistral", sliding_window=None, head_dim=32),
     "qwen2_bias": dict(family="qwen2"),
     "qwen2_tied": dict(family="qwen2", tie_word_embeddings=True, num_key_value_heads=1),
 }
@@ -82,10 +84,11 @@ def test_logits_match_hf_with_and_without_left_padding(ckpts, batch, case):
     np.testing.assert_allclose(plain, hf_logits(hf, full), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("case", ["llama_gqa", "mistral_window"])
-def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case):
+@pytest.mark.parametrize("case,explicit_positions", [("llama_gqa", True), ("mistral_window", False)])
+def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, explicit_positions):
     """Prefill P left-padded tokens into a cache with spare slots, feed a chunk of 2 tokens, then the
-    rest one at a time; every step's logits must equal HF's no-cache logits of the whole sequence."""
+    rest one at a time; every step's logits must equal HF's no-cache logits of the whole sequence.
+    Positions are either passed (HF's cumsum(mask) - 1) or left to the cache-aware default."""
     path, hf = ckpts[case]
     tokens, mask = batch
     model = load_pretrained(path)
@@ -108,13 +111,15 @@ def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case):
             cfg,
             jnp.asarray(tokens[:, sl]),
             jnp.asarray(mask[:, sl]),
-            jnp.asarray(pos[:, sl]),
+            jnp.asarray(pos[:, sl]) if explicit_positions else None,
             cache,
         )
         cache, t = out.cache, t + n
         real = mask[:, sl].astype(bool)
         assert np.max(np.abs(np.asarray(out.logits) - ref[:, sl])[real]) <= TOL
     assert int(cache.index) == T
+    with pytest.raises(ValueError, match="KV cache of 3 slots"):
+        llama.forward(model.params, cfg, jnp.asarray(tokens[:, :4]), cache=llama.init_cache(cfg, B, 3))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -102,18 +102,25 @@ def test_array_self_bleu_equals_reference_on_random_token_ids(form):
     ref_mask = rng.random(c) < 0.75
     exclude = rng.integers(-1, c, b).astype(np.int32)
     exclude[2] = 3
-    for with_exclude in (False, True):
-        fn = _jit_self_bleu(form, 8, with_exclude)  # 8 does not divide C: exercises the padding
-        got = np.asarray(fn(tokens, lengths, ref_tokens, ref_lengths, ref_mask, exclude))
-        want = []
-        for i in range(b):
-            hist = [
-                ref_tokens[j, : ref_lengths[j]].tolist()
-                for j in range(c)
-                if ref_mask[j] and not (with_exclude and j == exclude[i])
-            ]
-            want.append(self_bleu_reference(tokens[i, : lengths[i]].tolist(), hist, form))
-        np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    exclude[4] = c + 2  # out of range: leaves nothing out
+    exclude[5] = -1
+    ref_mask[[3, 7]] = True
+    ref_tokens[7, :ref_width] = tokens[6, :ref_width]  # a copy that row 6 does not exclude
+    ref_lengths[7] = min(lengths[6], ref_width)
+    exclude[6] = -1
+    # One compilation: rows with exclude -1 / out of range compare with the whole valid history (the
+    # exclude=None path is covered by the real-prompt test). 8 does not divide C: exercises the padding.
+    fn = _jit_self_bleu(form, 8, True)
+    got = np.asarray(fn(tokens, lengths, ref_tokens, ref_lengths, ref_mask, exclude))
+    want = []
+    for i in range(b):
+        hist = [ref_tokens[j, : ref_lengths[j]].tolist() for j in range(c) if ref_mask[j] and j != exclude[i]]
+        want.append(self_bleu_reference(tokens[i, : lengths[i]].tolist(), hist, form))
+    # Not vacuous: a spread of scores, and dropping the exact copy (entry 3) lowers row 2's score.
+    keep_copy = [ref_tokens[j, : ref_lengths[j]].tolist() for j in range(c) if ref_mask[j]]
+    assert self_bleu_reference(tokens[2, : lengths[2]].tolist(), keep_copy, form) > want[2] + 0.01
+    assert np.std(want) > 0.05, want
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
 
 
 def test_array_self_bleu_empty_history_and_shape_errors():

@@ -123,6 +123,16 @@ def test_dynamics_matches_numpy_loop(tau, alternating, sft):
     np.testing.assert_allclose(np.asarray(res.pi_last), cf / cf.sum(1, keepdims=True), rtol=1e-9)
 
 
+def test_one_round_returns_the_initial_policies_and_zero_rounds_is_an_error():
+    game = random_game(jax.random.PRNGKey(0), 3, 2, 0.1, jnp.float64)
+    pi0 = jnp.asarray([[0.2, 0.8], [0.5, 0.5], [0.9, 0.1]])
+    res = dynamics.run(game, 1, pi0=pi0)
+    np.testing.assert_array_equal(np.asarray(res.pi_avg), np.asarray(pi0))
+    np.testing.assert_allclose(np.asarray(res.mu_last), np.full(3, 1 / 3), rtol=1e-15)
+    with pytest.raises(ValueError, match="T >= 1"):
+        dynamics.run(game, 0)
+
+
 # One sweep shared by the rate / collapse / Gibbs tests: 4 random 20x10 games, three variants.
 TS = np.array([1000, 3162, 10000, 31623])
 M, N, TAU = 20, 10, 0.1

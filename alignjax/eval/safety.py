@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.eval.exploitability import class_scores, response_class_probs, sample_attacks
+from alignjax.eval.exploitability import bucket, class_scores, response_class_probs, sample_attacks
 
 DEFENDER_SPLITS = ("train", "heldout_framings", "heldout_topics", "benign")
 MODES = ("expected", "greedy", "sample")
@@ -47,7 +47,7 @@ def _nanmean(x) -> float:
 def _generate_responses(world, params, lm_cfg, x, xm, key, greedy, temperature, batch_size=512):
     d_tok, d_mask = world.defender_inputs(x, xm)
     n = d_tok.shape[0]
-    batch_size = min(batch_size, n)
+    batch_size = bucket(n, batch_size)
     toks, masks = [], []
     for start in range(0, n, batch_size):
         idx = np.minimum(np.arange(start, start + batch_size), n - 1)
@@ -92,12 +92,14 @@ def evaluate_defender(
     world, params, lm_cfg, splits=DEFENDER_SPLITS, mode: str = "expected", key=None, temperature: float = 1.0
 ) -> dict:
     """{split: {attack_success_rate, over_refusal, safe_reward, n_harmful, n_benign, per_framing_asr}}."""
-    results = {}
-    for i, split in enumerate(splits):
-        prompts = world.prompts(split)
-        x, xm = world.seed_prompts(split)
-        sub = None if key is None else jax.random.fold_in(key, i)
-        s = defender_scores(world, params, lm_cfg, x, xm, mode, sub, temperature)
+    # all splits in one pass: one compiled batch shape, one sampling loop
+    per_split = [world.prompts(split) for split in splits]
+    x, xm = world.encode([p.text for ps in per_split for p in ps], world.max_prompt_len)
+    scores = defender_scores(world, params, lm_cfg, x, xm, mode, key, temperature)
+    results, start = {}, 0
+    for split, prompts in zip(splits, per_split, strict=True):
+        s = {k: v[start : start + len(prompts)] for k, v in scores.items()}
+        start += len(prompts)
         harmful = np.array([p.harmful for p in prompts])
         frames = np.array([p.framing for p in prompts])
         results[split] = {

@@ -418,9 +418,8 @@ def make_plots(run_dir: pathlib.Path, cfg: Config) -> list[pathlib.Path]:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for k in keys:
             y = series(k)
-            ok = np.isfinite(y)
-            if ok.any():
-                ax.plot(t[ok], y[ok], ".-", ms=2, lw=1, label=k)
+            if np.isfinite(y).any():  # NaN (not measured in that stage) breaks the line
+                ax.plot(t, y, ".-", ms=2, lw=1, label=k)
         shade(ax)
         ax.set_xlabel("game step")
         ax.set_title(title)
@@ -602,9 +601,11 @@ def build_real(cfg: Config, axis_name: str | None = "data") -> Built:
     state = init_game_state(defender, attacker, d.params, a.params, history, cfg.seed)
     lines = [ln.strip() for ln in pathlib.Path(cfg.real.seed_prompts).read_text().splitlines() if ln.strip()]
     if len(lines) < g.batch_size:
-        raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts < game.batch_size={g.batch_size}")
-    seeds, seeds_mask = tok.pad_batch(tok.encode_batch(lines), max_len=cfg.real.max_prompt_tokens, side="left",
-                                      truncation="left")
+        raise ValueError(
+            f"{cfg.real.seed_prompts} holds {len(lines)} prompts < game.batch_size={g.batch_size}"
+        )
+    seeds, seeds_mask = tok.pad_batch(tok.encode_batch(lines), max_len=cfg.real.max_prompt_tokens,
+                                      side="left", truncation="left")
     consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), embed_params, judge)
     return Built(spec, state, consts, tok, d.config)
 
@@ -655,7 +656,8 @@ def run_real(cfg: Config, run_dir: pathlib.Path) -> dict:
     metadata = {"config": json.loads(json.dumps(to_dict(cfg), default=_json_default))}
     final_state = run_loop(make_play_step(built.spec), built.state, cfg.loop, run_dir, metadata,
                            consts=built.consts, desc=run_dir.parent.name or "game")
-    final = evaluate_real(built, final_state.defender.policy_params, final_state.attacker.policy_params, key, n)
+    final = evaluate_real(built, final_state.defender.policy_params, final_state.attacker.policy_params,
+                          key, n)
     extra = {}
     if cfg.export:
         extra["export"] = export_players(run_dir, final_state, built.spec,
@@ -663,11 +665,13 @@ def run_real(cfg: Config, run_dir: pathlib.Path) -> dict:
     extra["plots"] = [str(p) for p in make_plots(run_dir, cfg)]
     results = {"initial": initial, "final": final, **extra, "seconds": time.perf_counter() - t0}
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
-    lines = [f"# Results: {run_dir.parent.name}", "", f"{n} seed prompts; one sampled answer each, judged.", "",
-             "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | attacker diversity |",
-             "|---|---|---|---|"]
+    lines = [f"# Results: {run_dir.parent.name}", "",
+             f"{n} seed prompts; one sampled answer each, judged.", "",
+             "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | "
+             "attacker diversity |", "|---|---|---|---|"]
     for label, r in (("initial", initial), ("final", final)):
-        lines.append(f"| {label} | {_fmt(r['defender_attack_success'])} | {_fmt(r['attacker_attack_success'])} "
-                     f"| {_fmt(r.get('attacker_diversity', float('nan')))} |")
+        lines.append(f"| {label} | {_fmt(r['defender_attack_success'])} | "
+                     f"{_fmt(r['attacker_attack_success'])} | "
+                     f"{_fmt(r.get('attacker_diversity', float('nan')))} |")
     (run_dir / "results.md").write_text("\n".join(lines) + "\n")
     return results

@@ -185,7 +185,8 @@ def left_to_right(tokens: jax.Array, mask: jax.Array, pad_id: int) -> tuple[jax.
 # ------------------------------------------------------------------------------------ rollout
 
 
-def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameConsts | None = None) -> Episode:
+def play(spec: GameSpec, state: GameState, batch, key: jax.Array,
+         consts: GameConsts | None = None) -> Episode:
     """Rollouts and judge scores of one batch of seeds `batch = (tokens [B, S], mask [B, S])`."""
     seed_tokens, seed_mask = batch
     chex.assert_rank([seed_tokens, seed_mask], 2)

@@ -285,15 +285,24 @@ def tokenize_texts(
     T = max_len (fixed shapes for jit), default the longest encoding. Encodings are truncated at
     min(max_len, max_seq_length) tokens, as sentence-transformers truncates at max_seq_length."""
     limit = encoder.max_seq_length if max_len is None else min(max_len, encoder.max_seq_length)
+    return pad_encodings([e.ids for e in encoder.tokenizer.encode_batch(list(texts))], limit, max_len)
+
+
+def pad_encodings(
+    rows: Sequence[Sequence[int]], limit: int, width: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ids [N, W] and mask [N, W] (int32, pad id 0) of encodings that end with a special
+    token ([SEP]); W = width, default the longest row after truncation.
+
+    A row longer than `limit` loses text tokens but keeps its last token, which is how the tokenizer
+    truncates at max_seq_length (sentence-transformers' rule), so a shorter fixed length agrees with it."""
     if limit < 2:
-        raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
-    # The tokenizer already truncates at max_seq_length keeping its closing special token ([SEP]);
-    # a shorter fixed length is cut the same way: drop text tokens, keep the last token.
-    rows = [
-        e.ids if len(e.ids) <= limit else e.ids[: limit - 1] + e.ids[-1:]
-        for e in encoder.tokenizer.encode_batch(list(texts))
-    ]
-    width = max_len if max_len is not None else max((len(r) for r in rows), default=1)
+        raise ValueError(f"a length limit of {limit} leaves no room for the special tokens")
+    rows = [list(r) if len(r) <= limit else list(r[: limit - 1]) + list(r[-1:]) for r in rows]
+    longest = max((len(r) for r in rows), default=1)
+    width = longest if width is None else width
+    if width < longest:
+        raise ValueError(f"width={width} is shorter than a truncated encoding of {longest} tokens")
     ids = np.zeros((len(rows), max(width, 1)), np.int32)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):

@@ -39,6 +39,8 @@ class LMConfig:
     pad_token_id: int | None = 0
 
     def __post_init__(self):
+        # A list (e.g. from YAML) would make the config unhashable, so unusable as a static jit argument.
+        object.__setattr__(self, "rope_scaling", tuple(self.rope_scaling))
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} not supported; choose from {ARCHITECTURES}")
         if self.num_heads % self.num_kv_heads:

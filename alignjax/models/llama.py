@@ -248,6 +248,9 @@ def hidden_states(
     chex.assert_shape(attn_mask, (b, t))
     if positions is None:
         positions = default_positions(attn_mask)
+        if cache is not None:
+            # Continue each row's count: the real tokens already in the cache come first.
+            positions = positions + jnp.sum(cache.valid, axis=1, dtype=jnp.int32)[:, None]
     chex.assert_shape(positions, (b, t))
     key_ok = attn_mask.astype(bool)
 
@@ -262,6 +265,8 @@ def hidden_states(
             [cache.k, cache.v],
             (config.num_layers, b, cache.valid.shape[1], config.num_kv_heads, config.head_dim),
         )
+        if t > cache.valid.shape[1]:
+            raise ValueError(f"{t} tokens do not fit a KV cache of {cache.valid.shape[1]} slots")
         index = cache.index
         q_slot = index + jnp.arange(t)
         k_slot = jnp.arange(cache.valid.shape[1])
@@ -309,9 +314,12 @@ def forward(
     Args:
       tokens: [B, T] int32.
       attn_mask: [B, T] (1 real token, 0 padding); default all ones.
-      positions: [B, T] int32 rotary positions; default `default_positions(attn_mask)`, which is
-        right for a prefill. When decoding with a cache pass the true positions of the new tokens.
+      positions: [B, T] int32 rotary positions; default: the number of real tokens before each one,
+        i.e. `default_positions(attn_mask)` plus, with a cache, the count of valid cache slots
+        (HF's `cumsum(mask) - 1` over the whole sequence, for left-padded prefill and decode alike).
       cache: optional `KVCache`; the T tokens are written at slots [cache.index, cache.index + T).
+        The caller must keep cache.index + T <= S (the cache length): a traced index cannot be
+        checked, and `dynamic_update_slice` would clamp the write onto earlier slots.
 
     Returns: `LMOutput(logits [B, T, V] float32, hidden [B, T, D], cache or None)`.
     """

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.models.bert import SentenceEncoder, sentence_embedding
+from alignjax.models.bert import SentenceEncoder, pad_encodings, sentence_embedding
 
 
 def cosine_to_history(
@@ -65,12 +65,7 @@ def make_retokenizer(
         flat_tokens = tokens.reshape(-1, tokens.shape[-1])
         flat_lengths = lengths.reshape(-1)
         texts = [decode(row[:n].tolist()) for row, n in zip(flat_tokens, flat_lengths, strict=True)]
-        ids = np.zeros((len(texts), max_len), np.int32)
-        mask = np.zeros_like(ids)
-        for i, enc in enumerate(tokenizer.encode_batch(texts)):
-            row = enc.ids if len(enc.ids) <= max_len else enc.ids[: max_len - 1] + enc.ids[-1:]
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids, mask = pad_encodings([enc.ids for enc in tokenizer.encode_batch(texts)], max_len, max_len)
         return ids.reshape(*lead, max_len), mask.reshape(*lead, max_len)
 
     def retokenize(tokens: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:

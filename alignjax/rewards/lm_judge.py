@@ -179,9 +179,14 @@ def answer_probs(
 
 def renormalised(out: JudgeOutput) -> JudgeOutput:
     """The two-way posterior: p_safe / (p_safe + p_unsafe), p_unsafe / (p_safe + p_unsafe); same verdict.
-    Not the default (it hides how much mass the judge put on other tokens)."""
+    Not the default (it hides how much mass the judge put on other tokens). If both probabilities
+    underflow to 0 the posterior is undefined; it is returned as 1/2 each (never NaN)."""
     total = out.p_safe + out.p_unsafe
-    return JudgeOutput(out.p_safe / total, out.p_unsafe / total, out.unsafe)
+    ok = total > 0
+    safe_total = jnp.where(ok, total, 1.0)
+    return JudgeOutput(
+        jnp.where(ok, out.p_safe / safe_total, 0.5), jnp.where(ok, out.p_unsafe / safe_total, 0.5), out.unsafe
+    )
 
 
 # ------------------------------------------------------------------------------------ the judge

@@ -259,13 +259,13 @@ def self_bleu(
     Args:
       tokens: [B, L] int32 token ids, right-padded; the first `lengths[b]` are the sentence. Ids
         must be < 2**31 - 1 (the padding value is never read).
-      lengths: [B] int32 in [0, L].
+      lengths: [B] int32 in [0, L] (values outside are clipped to it).
       ref_tokens: [C, Lr] int32 history token ids, right-padded; ref_lengths: [C] int32.
       ref_mask: [C] bool, the valid history entries (e.g. `history.valid_mask(h)`).
       form: "per_reference" or "multi_reference" (static).
       orders: the BLEU orders n averaged over (static), default (2, 3, 4, 5).
       exclude: optional [B] int32 index of one history entry to leave out for each new sentence
-        (-1: none); evaluation uses it to drop self-matches.
+        (-1, or any index outside [0, C): none); evaluation uses it to drop self-matches.
       chunk_size: history entries per `lax.scan` step (bounds memory at about
         chunk_size * Lr * B floats per order).
 
@@ -290,8 +290,9 @@ def self_bleu(
             "(need (B*L+1)^2 < 2^31); score the new prompts in smaller batches"
         )
     max_order = max(orders)
-    lengths = lengths.astype(jnp.int32)
-    ref_lengths = ref_lengths.astype(jnp.int32)
+    # A length past the row would count padding as words; clip so that it cannot (lengths are traced).
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, length)
+    ref_lengths = jnp.clip(ref_lengths.astype(jnp.int32), 0, ref_width)
     ref_mask = ref_mask.astype(bool)
     exclude = exclude.astype(jnp.int32)
     tables = _build_tables(tokens.astype(jnp.int32), lengths, max_order, key_width)
@@ -346,7 +347,7 @@ def self_bleu(
     (counts, best), _ = jax.lax.scan(body, init, xs)
     # The left-out entry's own keys must not count: subtract them where that entry is valid.
     safe_ex = jnp.clip(exclude, 0, c - 1)
-    ex_valid = (exclude >= 0) & ref_mask[safe_ex]
+    ex_valid = (exclude >= 0) & (exclude < c) & ref_mask[safe_ex]  # out of range: nothing left out
     ex_kids = _ref_key_ids(tables, ref_tokens[safe_ex].astype(jnp.int32), ref_lengths[safe_ex])  # [K, B, Lr]
     kid_h = tables.key_ids  # [K, B, L]
     in_ex = jnp.any(kid_h[..., None] == ex_kids[:, :, None, :], axis=-1) & ex_valid[None, :, None]

@@ -41,7 +41,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from alignjax.theory.game import Game, entropy, prompt_loss, tv
+from alignjax.theory.game import Game, prompt_loss, tv
 
 
 class DynamicsResult(NamedTuple):
@@ -64,6 +64,12 @@ def _attacker_update(log_mu, loss, eta, tau):
     return jax.nn.log_softmax((eta * log_mu - loss) / (eta + tau))
 
 
+def _check_rounds(T) -> None:
+    """T >= 1 when it is a Python int (a traced T cannot be checked; T = 0 would divide by zero)."""
+    if isinstance(T, int) and T < 1:
+        raise ValueError(f"the dynamics need T >= 1 rounds, got {T}")
+
+
 def _uniform(m, n, dtype):
     return jnp.full((m, n), 1.0 / n, dtype), jnp.full((m,), 1.0 / m, dtype)
 
@@ -80,6 +86,7 @@ def run(game: Game, T, c=1.0, tau=0.0, alternating=False, pi0=None, mu0=None) ->
       mu0: [m] initial attacker (full support).
     Returns: DynamicsResult.
     """
+    _check_rounds(T)
     chex.assert_rank(game.r, 2)
     m, n = game.r.shape
     dtype = game.r.dtype
@@ -145,6 +152,7 @@ def run_coupled(
 
     Same attacker, step sizes, averaging and outputs as `run`; feats [m, n, d] (the defender's
     features phi(x, y)); theta_1 = 0 so that pi_1 = pi0."""
+    _check_rounds(T)
     chex.assert_rank(feats, 3)
     m, n, d = feats.shape
     chex.assert_shape(game.r, (m, n))
@@ -194,7 +202,3 @@ def best_loglinear_value(game: Game, feats, log_pi0, mu, key, n_starts=32, steps
 
     return jnp.max(jax.vmap(ascend)(starts))
 
-
-def attacker_entropy(res: DynamicsResult) -> tuple[jax.Array, jax.Array]:
-    """(H(mu_T), H(mu_hat)) in nats."""
-    return entropy(res.mu_last), entropy(res.mu_avg)

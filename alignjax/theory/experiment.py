@@ -34,9 +34,8 @@ class CoupledConfig:
     enabled: bool = True
     m: int = 20  # prompts
     n: int = 10  # responses
-    features: int = (
-        4  # d, the shared parameter's dimension (d << m*(n-1): the class cannot be greedy everywhere)
-    )
+    # d, the shared parameter's dimension (d << m*(n-1): the class cannot be greedy everywhere)
+    features: int = 4
     restricted_starts: int = 16  # multi-start ascent for the class's best response (a lower bound)
     restricted_steps: int = 200
 
