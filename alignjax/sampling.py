@@ -22,7 +22,7 @@ transformers' `generate` (5.24) orders its processors:
    HF's result there depends on torch.sort's unspecified order of equal values.
 
 then draws from softmax over the kept tokens. Top-p never sorts the vocabulary (a full sort of 32k
-logits costs ~40 ms per step on CPU, more than the model's forward): the threshold is found by an
+logits took ~40 ms per step on our CPU, as long as the weight-bound forward): the threshold is found by an
 exact bisection over the bit patterns of float32 probabilities (32 masked sums over [B, V]).
 
 Greedy (`SamplingConfig.greedy`) takes argmax of the repetition-penalised logits (HF greedy

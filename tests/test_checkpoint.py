@@ -49,6 +49,7 @@ def test_keeps_latest_and_restores_exact_step(tmp_path):
     assert out.metadata == {"s": 2} and float(out.tree["params"]["w"][0, 0]) == 2.0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # tensorstore's loop teardown
 @pytest.mark.parametrize("damage", ["delete_metadata", "garble_data"])
 def test_damaged_latest_falls_back_with_warning(tmp_path, damage):
     store = CheckpointStore(tmp_path, max_to_keep=3)

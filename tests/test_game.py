@@ -7,8 +7,11 @@ killed between its two chunks and resumed ends bitwise identical to an uninterru
 """
 
 
+import dataclasses
+
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,3 +144,24 @@ def test_every_sample_scored_per_device(game):
     # the attacker's prompts become the defender's input: "<s> human : {x} ai :"
     d_texts = world.decode(ep.defender_input, ep.defender_input_mask)
     assert all(d == f"human : {x} ai :".replace("  ", " ") for d, x in zip(d_texts, x_texts, strict=True))
+
+
+@pytest.mark.parametrize("mode,source,k", [("defend_only", "seeds", 0.0), ("attack_only", "attacker", 1.0),
+                                           ("simultaneous", "attacker", 1.0)])
+def test_every_mode_traces_with_state_shapes_preserved(game, mode, source, k):
+    """Baselines come from the same step: each mode traces (abstractly, no compile) under the data axis,
+    keeps the state's shapes/dtypes, and reports the metrics of the players that learn."""
+    cfg, built, _ = game
+    g = cfg.game
+    g = dataclasses.replace(g, prompt_source=source, schedule=dataclasses.replace(g.schedule, mode=mode),
+                            attacker_reward=dataclasses.replace(g.attacker_reward, k=k))
+    spec = dataclasses.replace(built.spec, cfg=g)
+    step = make_play_step(spec)
+    state_r = replicate(built.state, N_DEV)
+    keys = jax.random.split(jax.random.PRNGKey(0), N_DEV)
+    out_state, metrics = jax.eval_shape(
+        jax.pmap(step, axis_name="data", in_axes=(0, 0, None)), state_r, keys, built.consts)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out_state, jax.tree.map(jnp.asarray, state_r))
+    # one metric structure in every mode (the idle player's entries are NaN at run time)
+    for key in ("defender/ppo/policy_loss", "attacker/ppo/policy_loss", "attacker/reward", "rewards/judged"):
+        assert metrics[key].shape == (N_DEV,)

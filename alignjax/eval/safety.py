@@ -109,7 +109,8 @@ def evaluate_defender(
             "n_harmful": int(harmful.sum()),
             "n_benign": int((~harmful).sum()),
             "per_framing_asr": {
-                f: _nanmean(s["p_unsafe"][harmful & (frames == f)]) for f in dict.fromkeys(frames[harmful])
+                str(f): _nanmean(s["p_unsafe"][harmful & (frames == f)])
+                for f in dict.fromkeys(frames[harmful])
             },
         }
     return results

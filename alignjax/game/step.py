@@ -273,7 +273,7 @@ def make_game_step(spec: GameSpec) -> Callable:
     `batch` is this device's seeds (tokens [b, S], mask [b, S]); `key` this device's key. The step
     counter and the cursor are advanced by the caller (`make_play_step` / the loop)."""
     cfg, ax = spec.cfg, spec.axis_name
-    if cfg.use_embedding and spec.embed is None:
+    if cfg.use_embedding and cfg.schedule.mode != "defend_only" and spec.embed is None:
         raise ValueError("game.use_embedding is true but no embedder was given")
     defender_update = functools.partial(ppo_update, models=spec.defender_models, cfg=cfg.defender_ppo,
                                         axis_name=ax)

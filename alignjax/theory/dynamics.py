@@ -201,4 +201,3 @@ def best_loglinear_value(game: Game, feats, log_pi0, mu, key, n_starts=32, steps
         return jnp.dot(mu, prompt_loss(game, loglinear_policy(th, feats, log_pi0)))
 
     return jnp.max(jax.vmap(ascend)(starts))
-
