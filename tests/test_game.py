@@ -6,7 +6,6 @@ and, per sample, against an independent string-level reference of the world's ju
 killed between its two chunks and resumed ends bitwise identical to an uninterrupted run.
 """
 
-
 import dataclasses
 
 import chex

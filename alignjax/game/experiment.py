@@ -109,6 +109,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     export: bool = True  # write the final policies as HF checkpoints under run_dir/export
     cache_dir: str = ""  # synthetic players' cache ("" = $ALIGNJAX_CACHE_DIR or <repo>/cache)
+    resume: str = ""  # an earlier run folder (runs/NAME/<timestamp>) to continue from its last checkpoint
 
 
 # ------------------------------------------------------------------------------- validation
@@ -138,6 +139,7 @@ def check_paths(cfg: Config) -> None:
         for name in ("defender", "attacker"):
             p = getattr(cfg, name)
             need(f"{name}.checkpoint", p.checkpoint, "an HF causal-LM folder", required=False)
+    need("resume", cfg.resume, "an earlier run folder", required=False)
     if cfg.embedder.kind == "minilm":
         need("embedder.path", cfg.embedder.path, "a sentence-transformers folder", required=False)
     if missing:
@@ -477,6 +479,16 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     run_dir = pathlib.Path(run_dir)
     check_paths(cfg)
     check_config(cfg)
+    if cfg.resume:
+        old = pathlib.Path(cfg.resume)
+        if not (old / "checkpoints").is_dir():
+            raise FileNotFoundError(f"resume={cfg.resume!r}: {old / 'checkpoints'} does not exist")
+        _check_resume_config(cfg, old)
+        if old.resolve() != run_dir.resolve():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "RESUMED_IN.txt").write_text(f"this run continues in {old}\n")
+            tqdm.write(f"[alignjax] resuming {old}")
+        run_dir = old
     if cfg.setting == "real":
         return run_real(cfg, run_dir)
     t_start = time.perf_counter()
@@ -641,6 +653,29 @@ def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -
     if n >= 2 and lengths.max() > 0:
         res["attacker_diversity"] = selfbleu_diversity(np.concatenate(out["prompts"]), lengths)
     return res
+
+
+def _check_resume_config(cfg: Config, old: pathlib.Path) -> None:
+    """A resumed run must use the old run's config (loop.total_steps may grow, `resume` differs)."""
+    import yaml
+
+    from alignjax.config import dump_yaml
+
+    path = old / "config.yaml"
+    if not path.exists():
+        return
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    before, now = flat(yaml.safe_load(path.read_text())), flat(yaml.safe_load(dump_yaml(cfg)))
+    diff = sorted(k for k in set(before) | set(now)
+                  if before.get(k) != now.get(k) and k not in ("resume", "loop.total_steps"))
+    if diff:
+        raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
+                         "resume with the same settings (only loop.total_steps may change)")
 
 
 def run_real(cfg: Config, run_dir: pathlib.Path) -> dict:
