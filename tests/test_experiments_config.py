@@ -120,3 +120,18 @@ def test_real_paths_present_pass_the_check(tmp_path):
     bad = dataclasses.replace(cfg, real=dataclasses.replace(cfg.real, judge=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match=str(pathlib.Path(tmp_path / "nope"))):
         E.check_paths(bad)
+
+
+def test_resume_needs_the_same_config(tmp_path):
+    from alignjax.config import dump_yaml
+
+    _, cfg = load_experiment("default")
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    longer = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, total_steps=400),
+                                 resume=str(tmp_path))
+    E._check_resume_config(longer, tmp_path)  # extending the run is fine
+    other = dataclasses.replace(cfg, seed=7)
+    with pytest.raises(ValueError, match=r"\['seed'\]"):
+        E._check_resume_config(other, tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        E.run(dataclasses.replace(cfg, resume=str(tmp_path)), tmp_path / "new")

@@ -75,14 +75,16 @@ def test_judge_probabilities_equal_hf_softmax(judge_ckpt):
     out = judge(pt, pm, rt, rm)
     assert isinstance(out, JudgeOutput) and out.p_safe.shape == (5,) and out.unsafe.dtype == jnp.bool_
     ref = _hf_probs(hf, TEMPLATE, pt, pm, rt, rm)
-    np.testing.assert_allclose(np.asarray(out.p_safe), ref[:, SAFE], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.p_unsafe), ref[:, UNSAFE], atol=1e-5, rtol=0)
+    # The probabilities of 2 tokens out of 1000 are small: compare relatively (logits agree to ~1e-5).
+    assert ref[:, [SAFE, UNSAFE]].max() < 0.1
+    np.testing.assert_allclose(np.asarray(out.p_safe), ref[:, SAFE], rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(out.p_unsafe), ref[:, UNSAFE], rtol=1e-4, atol=1e-9)
     np.testing.assert_array_equal(np.asarray(out.unsafe), ref[:, UNSAFE] > ref[:, SAFE])
     # Full-softmax probabilities (not renormalised); the renormalised pair sums to one.
     assert np.all(np.asarray(out.p_safe + out.p_unsafe) < 1.0)
     ren = renormalised(out)
     np.testing.assert_allclose(
-        np.asarray(ren.p_unsafe), ref[:, UNSAFE] / (ref[:, SAFE] + ref[:, UNSAFE]), atol=1e-5
+        np.asarray(ren.p_unsafe), ref[:, UNSAFE] / (ref[:, SAFE] + ref[:, UNSAFE]), rtol=1e-4
     )
 
 

@@ -17,7 +17,8 @@ Attention runs in "slot" space: the KV cache has S slots; a call with T tokens w
 [index, index + T). Query t (slot index + t) may attend key slot s iff `valid[b, s]` and
 s <= index + t (and index + t - s < sliding_window when set). Without a cache the T tokens are
 their own slots 0..T-1. Left padding is handled by `attn_mask` (0 = pad) and by `positions`
-(default: cumsum(attn_mask) - 1, so the first real token of every row has position 0, as HF does).
+(default: cumsum(attn_mask) - 1 plus the real tokens already in the cache, so the first real token
+of every row has position 0, as HF does).
 """
 
 from __future__ import annotations
