@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax.models.config import LMConfig
-from alignjax.models.llama import hidden_states, init_cache, lm_logits
+from alignjax.models.llama import hidden_states, init_cache, lm_logits, unstack_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,6 +274,9 @@ def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_i
     n_real = jnp.sum(prompt_mask, axis=-1)
 
     cache_dtype = jax.tree_util.tree_leaves(params["layers"])[0].dtype
+    # One buffer per layer for the weights and the cache: a stacked [L, ...] array would be sliced
+    # into a copy for every layer on every step (see llama.unstack_layers and llama.KVCache).
+    params = unstack_layers(params)
     cache = init_cache(config, b, p + n_new - 1, cache_dtype)
     h, cache = hidden_states(params, config, prompt_tokens, attn_mask=prompt_mask, cache=cache)
     logits = lm_logits(params, config, h[:, -1])  # only the last position: skips B*P*V head flops

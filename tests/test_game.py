@@ -154,13 +154,59 @@ def test_every_mode_traces_with_state_shapes_preserved(game, mode, source, k):
     g = cfg.game
     g = dataclasses.replace(g, prompt_source=source, schedule=dataclasses.replace(g.schedule, mode=mode),
                             attacker_reward=dataclasses.replace(g.attacker_reward, k=k))
-    spec = dataclasses.replace(built.spec, cfg=g)
+    # a defend-only game has no attacker update, hence no embedder (as build_synthetic makes it)
+    spec = dataclasses.replace(built.spec, cfg=g, embed=None if mode == "defend_only" else built.spec.embed)
     step = make_play_step(spec)
     state_r = replicate(built.state, N_DEV)
     keys = jax.random.split(jax.random.PRNGKey(0), N_DEV)
     out_state, metrics = jax.eval_shape(
         jax.pmap(step, axis_name="data", in_axes=(0, 0, None)), state_r, keys, built.consts)
     chex.assert_trees_all_equal_shapes_and_dtypes(out_state, jax.tree.map(jnp.asarray, state_r))
-    # one metric structure in every mode (the idle player's entries are NaN at run time)
-    for key in ("defender/ppo/policy_loss", "attacker/ppo/policy_loss", "attacker/reward", "rewards/judged"):
+    keys = {"defender/ppo/policy_loss", "attacker/ppo/policy_loss", "attacker/reward", "rewards/judged"}
+    if mode == "defend_only":
+        keys -= {"attacker/ppo/policy_loss", "attacker/reward"}
+        assert "attacker/ppo/policy_loss" not in metrics
+    if mode == "attack_only":
+        keys -= {"defender/ppo/policy_loss"}
+        assert "defender/ppo/policy_loss" not in metrics
+    for key in keys:
         assert metrics[key].shape == (N_DEV,)
+
+
+@pytest.mark.parametrize("preset,lengths", [("paper", (200, 400)), ("authors_code", (400, 200)),
+                                            ("custom", (3, 5))])
+def test_schedule_alternates_defender_first(preset, lengths):
+    cfg = sched.ScheduleConfig(mode="alternating", preset=preset, n_def=3, n_att=5)
+    n_def, n_att = lengths
+    expected = []  # plain loop: rounds of n_def defend steps then n_att attack steps
+    while len(expected) < 2000:
+        expected += [sched.DEFEND] * n_def + [sched.ATTACK] * n_att
+    steps = np.arange(2000)
+    assert list(np.asarray(sched.stage_at(steps, cfg))) == expected[:2000]
+    traced = jax.jit(lambda t: sched.stage_at(t, cfg))(jnp.asarray(steps, jnp.int32))
+    assert list(np.asarray(traced)) == expected[:2000]
+    assert sched.stage_boundaries(n_def + n_att + 1, cfg) == [(0, n_def, 0), (n_def, n_def + n_att, 1),
+                                                              (n_def + n_att, n_def + n_att + 1, 0)]
+    others = (("simultaneous", sched.BOTH), ("defend_only", sched.DEFEND), ("attack_only", sched.ATTACK))
+    for mode, code in others:
+        assert int(sched.stage_at(jnp.int32(7), sched.ScheduleConfig(mode=mode))) == code
+
+
+def test_data_cursor_visits_every_seed_once_per_epoch():
+    from alignjax.game.step import GameConsts, draw_batch
+
+    n, b = 12, 4
+    consts = GameConsts(jnp.arange(n)[:, None] * jnp.ones((1, 3), jnp.int32), jnp.ones((n, 3), jnp.int32))
+    rng = jax.random.PRNGKey(5)
+    seen, cursor = [], jnp.int32(0)
+    for _ in range(2 * n // b + 1):  # two epochs and one step into the third
+        (tok, _), cursor = draw_batch(consts, cursor, rng, b, None)
+        seen += list(np.asarray(tok[:, 0]))
+    assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:2 * n]) == list(range(n))
+    assert seen[:n] != seen[n:2 * n]  # epochs reshuffle
+    assert int(cursor) == 3 * n + b - n  # b rows per step
+    # under pmap the devices take disjoint slices of the same global batch
+    rows = jax.pmap(lambda c: draw_batch(consts, c, rng, 8, "data")[0][0][:, 0], axis_name="data")(
+        jnp.zeros((N_DEV,), jnp.int32))
+    rows = np.asarray(rows).reshape(-1)
+    assert sorted(rows) == sorted(seen[:8]) and len(set(rows)) == 8

@@ -114,10 +114,11 @@ def test_templates_at_token_level(world):
 
 
 def _judge_case(world, prompt, response):
-    p, pm = world.encode([G.DEFENDER_TEMPLATE.format(x=prompt)])
-    r, rm = world.encode([response], side="right")
+    # fixed widths: every case reuses one compilation of the judge
+    p, pm = world.encode([G.DEFENDER_TEMPLATE.format(x=prompt)], 32)
+    r, rm = world.encode([response], 32, side="right")
     return (
-        jax.jit(world.judge)(p, pm, r, rm),
+        world.judge(p, pm, r, rm),
         float(world.defender_reward(p, pm, r, rm)[0]),
         float(world.attacker_reward(p, pm, r, rm)[0]),
     )

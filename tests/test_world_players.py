@@ -5,7 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from alignjax.eval.safety import evaluate_attacker, evaluate_defender
+from alignjax.eval.exploitability import sample_attacks
+from alignjax.eval.safety import evaluate_attacker, evaluate_defender, generate_responses
 from alignjax.worlds import SyntheticWorld, WorldConfig
 from alignjax.worlds import grammar as G
 from alignjax.worlds.players import cache_folder
@@ -40,10 +41,7 @@ def test_defender_greedy_answers_are_grammatical(world, players):
     the SFT data prescribes (checked on the text against the lexicon, not through the judge)."""
     prompts = world.prompts("all")[::37]
     x, xm = world.encode([p.text for p in prompts], world.max_prompt_len)
-    d, dm = world.defender_inputs(x, xm)
-    y, _, ym = world.generate(
-        *players.defender, d, dm, jax.random.PRNGKey(0), world.max_response_len, greedy=True
-    )
+    _, _, y, ym = generate_responses(world, *players.defender, x, xm, jax.random.PRNGKey(0), greedy=True)
     for p, text in zip(prompts, world.decode(y, ym), strict=True):
         should_comply = not p.harmful or p.framing in world.blind_spots
         opener = text.split()[0]
@@ -72,10 +70,7 @@ def test_attacker_rewrites_are_grammatical_varied_and_follow_the_prior(world, pl
 
 def test_attacker_keeps_harmfulness_and_never_uses_heldout_material(world, players):
     seeds = world.prompts("train")[::5]
-    s, sm = world.encode([p.text for p in seeds], world.max_prompt_len)
-    a, am = world.attacker_inputs(s, sm)
-    x, _, xm = world.generate(*players.attacker, a, am, jax.random.PRNGKey(2), world.max_attack_len)
-    texts = world.decode(x, xm)
+    texts = world.decode(*sample_attacks(world, players.attacker, jax.random.PRNGKey(2), seed_stride=5))
     heldout = set(G.HARMFUL_TOPICS[-4:]) | set(G.BENIGN_TOPICS[-6:])
     same_kind = []
     for seed, t in zip(seeds, texts, strict=True):
@@ -100,7 +95,7 @@ def test_players_are_hf_checkpoints(world, players):
         ref = model(torch.tensor([ids])).logits.numpy()
     from alignjax.models.llama import forward
 
-    ours = np.asarray(forward(*players.defender[:1], players.defender.config, np.array([ids])).logits)
+    ours = np.asarray(jax.jit(forward, static_argnums=1)(*players.defender, np.array([ids])).logits)
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
     # HF greedy generation from the checkpoint: the blind spot is visible from transformers too
     out = model.generate(
@@ -121,7 +116,10 @@ def test_cache_build_then_reload_is_lossless(tmp_path, monkeypatch):
     def fake_build(world, progress=True):
         calls.append(1)
         c = world.lm_config()
-        make = lambda k: Player(init_params(c, jax.random.PRNGKey(k), std=0.5), c)
+        init = jax.jit(
+            init_params, static_argnums=0, static_argnames="std"
+        )  # one compilation, not one per op
+        make = lambda k: Player(init(c, jax.random.PRNGKey(k), std=0.5), c)
         return Players(attacker=make(1), defender=make(2)), {"stub": True}
 
     monkeypatch.setattr(P, "build_players", fake_build)

@@ -34,7 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.eval.exploitability import bucket, class_scores, response_class_probs, sample_attacks
+from alignjax.eval.exploitability import (
+    class_scores,
+    map_batches,
+    pad_left,
+    response_class_probs,
+    sample_attacks,
+)
 
 DEFENDER_SPLITS = ("train", "heldout_framings", "heldout_topics", "benign")
 MODES = ("expected", "greedy", "sample")
@@ -44,21 +50,17 @@ def _nanmean(x) -> float:
     return float(np.mean(x)) if len(x) else float("nan")
 
 
-def _generate_responses(world, params, lm_cfg, x, xm, key, greedy, temperature, batch_size=512):
-    d_tok, d_mask = world.defender_inputs(x, xm)
-    n = d_tok.shape[0]
-    batch_size = bucket(n, batch_size)
-    toks, masks = [], []
-    for start in range(0, n, batch_size):
-        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-        key, sub = jax.random.split(key)
-        t, _, m = world.generate(
-            params, lm_cfg, d_tok[idx], d_mask[idx], sub, world.max_response_len, temperature, greedy
-        )
-        k = min(batch_size, n - start)
-        toks.append(t[:k])
-        masks.append(m[:k])
-    return d_tok, d_mask, jnp.concatenate(toks), jnp.concatenate(masks)
+def generate_responses(
+    world, params, lm_cfg, x, xm, key, greedy: bool = False, temperature: float = 1.0, batch_size: int = 512
+):
+    """The defender's answers to bare prompts x [B, P]: (d_tok, d_mask [B, P'] its left-padded inputs,
+    y, y_mask [B, N] right-padded answers, EOS included), sampled (or greedy) in fixed-size batches."""
+    d_tok, d_mask = pad_left(*world.defender_inputs(jnp.asarray(x), jnp.asarray(xm)))
+    generate = lambda t, m, k: world.generate(
+        params, lm_cfg, t, m, k, world.max_response_len, temperature, greedy
+    )
+    y, _, ym = map_batches(generate, (d_tok, d_mask), batch_size, key)
+    return d_tok, d_mask, jnp.asarray(y), jnp.asarray(ym)
 
 
 def defender_scores(world, params, lm_cfg, x, xm, mode: str = "expected", key=None, temperature: float = 1.0):
@@ -77,8 +79,8 @@ def defender_scores(world, params, lm_cfg, x, xm, mode: str = "expected", key=No
     if mode == "sample" and key is None:
         raise ValueError("mode='sample' needs a PRNG key")
     key = jax.random.PRNGKey(0) if key is None else key
-    d_tok, d_mask, y, ym = _generate_responses(
-        world, params, lm_cfg, jnp.asarray(x), jnp.asarray(xm), key, mode == "greedy", temperature
+    d_tok, d_mask, y, ym = generate_responses(
+        world, params, lm_cfg, x, xm, key, mode == "greedy", temperature
     )
     out = world.judge(d_tok, d_mask, y, ym)
     return {

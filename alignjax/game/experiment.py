@@ -493,8 +493,14 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
         return run_real(cfg, run_dir)
     t_start = time.perf_counter()
     built = build_synthetic(cfg, progress=progress)
-    t_built = time.perf_counter()
     world, spec = built.world, built.spec
+    play_step = make_play_step(spec)
+    # Trace one step abstractly (seconds, no compilation) so a bad combination of settings fails now,
+    # not after the initial evaluation.
+    jax.eval_shape(jax.pmap(play_step, axis_name="data", in_axes=(0, 0, None)),
+                   jax.tree.map(lambda x: jnp.asarray(x)[None], built.state),
+                   jax.random.PRNGKey(0)[None], built.consts)
+    t_built = time.perf_counter()
     eval_key = jax.random.PRNGKey(cfg.eval.seed)
     init_def = (built.state.defender_ref, spec.defender_lm)
     init_att = (built.state.attacker_ref, spec.attacker_lm)
@@ -512,7 +518,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
         return None
 
     metadata = {"config": json.loads(json.dumps(to_dict(cfg), default=_json_default))}
-    final_state = run_loop(make_play_step(spec), built.state, cfg.loop, run_dir, metadata,
+    final_state = run_loop(play_step, built.state, cfg.loop, run_dir, metadata,
                            on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game")
     t_game = time.perf_counter()
     fin_def = (final_state.defender.policy_params, spec.defender_lm)

@@ -228,6 +228,11 @@ def run_loop(
             start += length
             for i in range(length):
                 log.write({k: v[i] for k, v in metrics.items()} | {"time/step_s": seconds / length})
+            for k, v in metrics.items():
+                if k.endswith("update_skipped") and np.nansum(v) > 0:
+                    bad = [int(s) for s, x in zip(metrics["step"], v, strict=True) if x > 0]
+                    tqdm.write(f"[alignjax] warning: {k} at steps {bad}: a non-finite loss or gradient; "
+                               "that update was not applied (see the nonfinite/* metrics)")
             if on_chunk_end is not None:
                 extra = on_chunk_end(start, state) or {}
                 if extra:
@@ -246,7 +251,7 @@ def run_loop(
 
 
 def _postfix_keys(metrics: dict) -> list[str]:
-    wanted = ("defender/reward", "attacker/reward", "attack_success", "loss")
+    wanted = ("defender/score", "attacker/reward", "attack_success")
     return [k for k in wanted if k in metrics]
 
 

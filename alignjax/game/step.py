@@ -328,16 +328,13 @@ def make_game_step(spec: GameSpec) -> Callable:
             player, new_hist, m, extra = attack(state, ep, k_att, consts)
             return state._replace(attacker=player, history=new_hist), m, extra
 
-        d_shape = jax.eval_shape(lambda s: run_defend(s)[1], state)
-        a_shape = jax.eval_shape(lambda s: run_attack(s)[1:], state)
-
         def branch_defend(state):
             state, dm = run_defend(state)
-            return state, dm, nan_like(a_shape)
+            return state, dm, nan_like(jax.eval_shape(lambda s: run_attack(s)[1:], state))
 
         def branch_attack(state):
             state, am, extra = run_attack(state)
-            return state, nan_like(d_shape), (am, extra)
+            return state, nan_like(jax.eval_shape(lambda s: run_defend(s)[1], state)), (am, extra)
 
         def branch_both(state):
             # the attacker's update reads the same rollout (its reward does not involve pi's params)
@@ -346,10 +343,13 @@ def make_game_step(spec: GameSpec) -> Callable:
             return state, dm, (am, extra)
 
         mode = cfg.schedule.mode
+        # single-stage modes compile one branch and report only the learning player's metrics
         if mode == "defend_only":
-            state, dm, am = branch_defend(state)
+            state, dm = run_defend(state)
+            am = ({}, {})
         elif mode == "attack_only":
-            state, dm, am = branch_attack(state)
+            state, am, extra = run_attack(state)
+            dm, am = {}, (am, extra)
         elif mode == "simultaneous":
             state, dm, am = branch_both(state)
         else:

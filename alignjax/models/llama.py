@@ -1,7 +1,7 @@
 """Decoder-only causal LM of the Llama family as a pure function over a parameter pytree.
 
 Parameters (layers stacked on a leading axis L so the depth is one `lax.scan`, which keeps compile
-time flat in depth):
+time flat in depth; `unstack_layers` gives the per-layer form a decode loop wants, see there):
 
     embed        [V, D]
     layers/attn_norm [L, D]      layers/wq [L, D, Hq*hd]   layers/wk, wv [L, D, Hkv*hd]
@@ -24,6 +24,7 @@ of every row has position 0, as HF does).
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple
 
 import chex
@@ -36,11 +37,21 @@ Params = dict
 
 
 class KVCache(NamedTuple):
-    """Preallocated key/value cache. k, v: [L, B, S, Hkv, hd]; valid: [B, S] bool; index: [] int32
-    (the next slot to write; equal for all rows because prompts are left-padded to a common length)."""
+    """Preallocated key/value cache. k, v: tuples of L arrays [B, Hkv, S, hd] (one per layer);
+    valid: [B, S] bool; index: [] int32 (the next slot to write; equal for all rows because prompts
+    are left-padded to a common length).
 
-    k: jax.Array
-    v: jax.Array
+    The layout is what keeps a decode step from copying the cache (XLA on CPU, 134M benchmark):
+    - one buffer per layer, not one stacked [L, ...] array: XLA's dot cannot read a slice of a larger
+      buffer in place, so a layer's slice of a stacked cache (by `lax.scan` or by index) was copied
+      out on every step; separate buffers are read where they lie and written in place.
+    - head-major [B, Hkv, S, hd], not [B, S, Hkv, hd]: attention contracts over hd and S with (B, Hkv)
+      as batch dimensions, which XLA's dot wants leading; sequence-major made every step transpose a
+      copy of each layer's cache (20-40 ms of a ~130 ms step at S = 191).
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     valid: jax.Array
     index: jax.Array
 
@@ -52,10 +63,11 @@ class LMOutput(NamedTuple):
 
 
 def init_cache(config: LMConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    """An empty cache of `max_len` slots (see `KVCache` for the layout)."""
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
         valid=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -139,50 +151,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 def attention(q, k, v, mask):
-    """Grouped-query attention. q [B,T,Hq,hd], k/v [B,S,Hkv,hd], mask [B,T,S] bool -> [B,T,Hq,hd].
+    """Grouped-query attention. q [B,T,Hq,hd], k/v [B,Hkv,S,hd], mask [B,T,S] bool -> [B,T,Hq,hd].
 
     softmax(q k^T / sqrt(hd)) in float32; masked logits get the dtype minimum (not -inf) so a fully
     masked query row (a left-pad position) stays finite."""
     b, t, hq, hd = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1]
     q = q.reshape(b, t, hkv, hq // hkv, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, hq, hd)
-
-
-def _decode_attention(q, k_new, v_new, ck, cv, mask, index):
-    """Attention of one new token over the cache before its write plus itself.
-
-    q [B, 1, Hq, hd], k_new / v_new [B, 1, Hkv, hd], ck / cv [B, S, Hkv, hd] (slot `index` not yet
-    written), mask [B, 1, S] (slot `index` = the new token). Same result as `attention` over the
-    updated cache: one softmax over {cache slots allowed by mask, s != index} and the new key (if
-    allowed). Reading the old cache avoids materialising an updated copy of each layer's slice."""
-    b, _, hq, hd = q.shape
-    hkv = ck.shape[2]
-    scale = 1.0 / math.sqrt(hd)
-    neg = jnp.finfo(jnp.float32).min
-    q4 = q.reshape(b, hkv, hq // hkv, hd)
-    slots = jnp.arange(ck.shape[1])
-    cache_ok = mask[:, 0, :] & (slots != index)[None]  # [B, S]
-    s_cache = (
-        jnp.einsum("bkgd,bskd->bkgs", q4, ck.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    )
-    s_cache = jnp.where(cache_ok[:, None, None, :], s_cache, neg)  # [B, Hkv, G, S]
-    self_ok = jax.lax.dynamic_index_in_dim(mask[:, 0, :], index, axis=1, keepdims=True)[:, :, None]  # [B,1,1]
-    s_self = jnp.einsum("bkgd,bkd->bkg", q4, k_new[:, 0].astype(q.dtype), preferred_element_type=jnp.float32)
-    s_self = jnp.where(self_ok, s_self * scale, neg)  # [B, Hkv, G]
-    m = jnp.maximum(jnp.max(s_cache, axis=-1), s_self)
-    e_cache = jnp.exp(s_cache - m[..., None])
-    e_self = jnp.exp(s_self - m)
-    z = jnp.sum(e_cache, axis=-1) + e_self
-    out = jnp.einsum(
-        "bkgs,bskd->bkgd", e_cache.astype(q.dtype), cv.astype(q.dtype), preferred_element_type=jnp.float32
-    )
-    out = (out + e_self[..., None] * v_new[:, 0, :, None, :].astype(jnp.float32)) / z[..., None]
-    return out.astype(q.dtype).reshape(b, 1, hq, hd)
 
 
 def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
@@ -193,22 +173,18 @@ def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
     if config.attention_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = apply_rope(q.reshape(b, t, hq, hd), positions, inv_freq)
-    k = apply_rope(k.reshape(b, t, hkv, hd), positions, inv_freq)
-    v = v.reshape(b, t, hkv, hd)
+    # Keys / values head-major [B, Hkv, T, hd], the layout of the cache (see KVCache).
+    k = apply_rope(k.reshape(b, t, hkv, hd), positions, inv_freq).transpose(0, 2, 1, 3)
+    v = v.reshape(b, t, hkv, hd).transpose(0, 2, 1, 3)
     if cache_kv is None:
         attn, new_kv = attention(q, k, v, mask), None
     else:
-        # cache_kv is this layer's cache [B, S, Hkv, hd] as it was before the call; it is only read here.
-        # The new keys / values are returned and written into the [L, ...] cache after the layer scan,
-        # with one in-place update of the donated buffer (writing inside the scan made XLA copy it).
+        # This layer's own cache buffers [B, Hkv, S, hd]: written in place, then attended over whole.
         ck, cv = cache_kv
-        if t == 1:
-            attn = _decode_attention(q, k, v, ck, cv, mask, index)
-        else:
-            k_all = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-            attn = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-        new_kv = (k.astype(ck.dtype), v.astype(cv.dtype))
+        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+        attn = attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+        new_kv = (ck, cv)
     attn = attn.reshape(b, t, hq * hd)
     out = attn @ lp["wo"]
     if config.attention_out_bias:
@@ -222,6 +198,21 @@ def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
     if config.mlp_bias:
         down = down + lp["b_down"]
     return h + down, new_kv
+
+
+def unstack_layers(params: Params) -> Params:
+    """`params` with `layers` as a tuple of L per-layer dicts (the same names, without the L axis).
+
+    For decode loops: XLA's CPU dot cannot read a slice of a stacked [L, ...] weight in place, so a
+    layer loop over stacked weights copies every layer's weights out on every step, about tripling the
+    memory traffic of a weight-bound decode step. Unstack once before the loop (one copy of the layer
+    weights, which then lives as long as the loop); `hidden_states` and `forward` take either form.
+    """
+    layers = params["layers"]
+    if isinstance(layers, tuple | list):
+        return params
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(operator.itemgetter(i), layers) for i in range(n))}
 
 
 def default_positions(attn_mask: jax.Array) -> jax.Array:
@@ -262,9 +253,10 @@ def hidden_states(
         index = 0
     else:
         chex.assert_shape(cache.valid, (b, None))
+        if not len(cache.k) == len(cache.v) == config.num_layers:
+            raise ValueError(f"the cache has {len(cache.k)} layers, the model {config.num_layers}")
         chex.assert_shape(
-            [cache.k, cache.v],
-            (config.num_layers, b, cache.valid.shape[1], config.num_kv_heads, config.head_dim),
+            [*cache.k, *cache.v], (b, config.num_kv_heads, cache.valid.shape[1], config.head_dim)
         )
         if t > cache.valid.shape[1]:
             raise ValueError(f"{t} tokens do not fit a KV cache of {cache.valid.shape[1]} slots")
@@ -280,19 +272,26 @@ def hidden_states(
     inv_freq = rope_inv_freq(config)
     h = params["embed"][tokens]
 
-    def body(h, xs):
-        lp, kv = xs
-        h, new_kv = _layer(config, inv_freq, positions, mask, h, lp, kv, index)
-        return h, new_kv
-
-    kv_in = None if cache is None else (cache.k, cache.v)
-    h, kv_new = jax.lax.scan(body, h, (params["layers"], kv_in))  # kv_new: [L, B, T, Hkv, hd] each
-    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    layer = lambda h, lp, kv: _layer(config, inv_freq, positions, mask, h, lp, kv, index)
+    layers = params["layers"]
     new_cache = None
-    if cache is not None:
-        new_k = jax.lax.dynamic_update_slice(cache.k, kv_new[0], (0, 0, index, 0, 0))
-        new_v = jax.lax.dynamic_update_slice(cache.v, kv_new[1], (0, 0, index, 0, 0))
-        new_cache = KVCache(new_k, new_v, valid, (index + t).astype(jnp.int32))
+    if cache is None and not isinstance(layers, tuple | list):
+        h, _ = jax.lax.scan(lambda h, lp: (layer(h, lp, None)[0], None), h, layers)
+    else:
+        # Unrolled over the layers, so each reads its own cache buffers (see KVCache). Stacked weights
+        # are sliced here, a copy per call: decode loops pass `unstack_layers(params)` instead.
+        layers = unstack_layers(params)["layers"]
+        if cache is None:
+            for lp in layers:
+                h, _ = layer(h, lp, None)
+        else:
+            ks, vs = [], []
+            for lp, ck, cv in zip(layers, cache.k, cache.v, strict=True):
+                h, (ck, cv) = layer(h, lp, (ck, cv))
+                ks.append(ck)
+                vs.append(cv)
+            new_cache = KVCache(tuple(ks), tuple(vs), valid, (index + t).astype(jnp.int32))
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
     return h, new_cache
 
 
@@ -313,12 +312,14 @@ def forward(
     """Logits of a causal LM.
 
     Args:
+      params: the parameter pytree, layers stacked (module docstring) or per layer (`unstack_layers`).
       tokens: [B, T] int32.
       attn_mask: [B, T] (1 real token, 0 padding); default all ones.
       positions: [B, T] int32 rotary positions; default: the number of real tokens before each one,
         i.e. `default_positions(attn_mask)` plus, with a cache, the count of valid cache slots
         (HF's `cumsum(mask) - 1` over the whole sequence, for left-padded prefill and decode alike).
-      cache: optional `KVCache`; the T tokens are written at slots [cache.index, cache.index + T).
+      cache: optional `KVCache` (`init_cache`); the T tokens are written at slots
+        [cache.index, cache.index + T), in place when the cache is donated or carried by a loop.
         The caller must keep cache.index + T <= S (the cache length): a traced index cannot be
         checked, and `dynamic_update_slice` would clamp the write onto earlier slots.
 

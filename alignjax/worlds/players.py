@@ -1,12 +1,15 @@
 """Initial players of the synthetic world: tokenizer folder, SFT corpora, SFT, on-disk cache.
 
+The SFT is the RL core's (`alignjax.rl.sft.sft_step`: masked next-token cross-entropy on the response
+tokens), scanned in jitted chunks over random minibatches of a corpus the world generates.
+
 Layout of the cache (one folder per world config, keyed by `WorldConfig.fingerprint()`):
 
     <cache_dir>/synthetic-<fingerprint>/
         tokenizer/   tokenizer.json, tokenizer_config.json, special_tokens_map.json
         defender/    config.json, model.safetensors (HF LlamaForCausalLM) + the tokenizer files
         attacker/    idem
-        world.json   the WorldConfig and the build report (time, final SFT losses)
+        world.json   the WorldConfig and the build report (time, final SFT loss and token accuracy)
         DONE         written last: a folder without it is rebuilt
 
 A `filelock.FileLock` on `<cache_dir>/synthetic-<fingerprint>.lock` makes concurrent processes (e.g.
@@ -15,6 +18,8 @@ pytest-xdist workers) wait for one build instead of building twice.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -26,13 +31,20 @@ import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
 from alignjax.models import hf_io, llama
 from alignjax.models.config import LMConfig
-from alignjax.sampling import SamplingConfig, sample
+from alignjax.rl import (
+    LlamaPlayerModels,
+    OptimizerConfig,
+    SFTBatch,
+    SFTState,
+    make_optimizer,
+    make_sft_step,
+    raise_if_nonfinite,
+)
 from alignjax.worlds import grammar as G
 
 if TYPE_CHECKING:
@@ -68,29 +80,6 @@ def save_tokenizer(tok: Tokenizer, folder: pathlib.Path) -> None:
         **special,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def generate(
-    params,
-    lm_cfg: LMConfig,
-    tokens,
-    mask,
-    key,
-    *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    greedy: bool = False,
-    eos_id: int = G.EOS_ID,
-    pad_id: int = G.PAD_ID,
-):
-    """(tokens [B, N], logprobs [B, N], mask [B, N]) sampled after left-padded prompts [B, P]
-    (thin wrapper over alignjax.sampling.sample: plain temperature sampling, or greedy)."""
-    scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
-    out = sample(params, lm_cfg, tokens, mask, key, scfg, eos_id, pad_id)
-    return out.tokens, out.policy_logprobs, out.mask
 
 
 # ----------------------------------------------------------------------------- SFT corpora
@@ -142,90 +131,98 @@ def attacker_target(world: SyntheticWorld, seed: G.Prompt, rng: np.random.Genera
     )
 
 
-def defender_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator):
-    """n SFT pairs over every prompt of the grammar: (inputs, input_mask, targets, target_mask) numpy."""
+def _corpus(world: SyntheticWorld, inputs, seeds: list[G.Prompt], answers: list[str], answer_len: int):
+    """SFTBatch (numpy): the templated `seeds` (inputs = world.defender_inputs or attacker_inputs) as
+    prompts, `answers` + EOS as right-padded responses of length answer_len."""
+    x, xm = world.encode([p.text for p in seeds], world.max_prompt_len)
+    inp, im = inputs(x, xm)
+    return SFTBatch(np.asarray(inp), np.asarray(im), *_encode_responses(world, answers, answer_len))
+
+
+def defender_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator) -> SFTBatch:
+    """n SFT pairs (prompt -> answer) cycling over every prompt of the grammar in a random order."""
     prompts = world.prompts("all")
     picks = [prompts[i] for i in rng.permutation(np.resize(np.arange(len(prompts)), n))]
-    x, xm = world.encode([p.text for p in picks], world.max_prompt_len)
-    inp, im = world.defender_inputs(x, xm)
-    tgt, tm = _encode_responses(
-        world, [defender_target(world, p, rng) for p in picks], world.max_response_len
-    )
-    return np.asarray(inp), np.asarray(im), tgt, tm
+    answers = [defender_target(world, p, rng) for p in picks]
+    return _corpus(world, world.defender_inputs, picks, answers, world.max_response_len)
 
 
-def attacker_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator):
-    """n SFT pairs (seed from the training split -> rewrite): (inputs, input_mask, targets, target_mask)."""
+def attacker_corpus(world: SyntheticWorld, n: int, rng: np.random.Generator) -> SFTBatch:
+    """n SFT pairs (seed from the training split -> rewrite), seeds drawn with replacement."""
     seeds = world.prompts("train")
     picks = [seeds[i] for i in rng.integers(len(seeds), size=n)]
-    s, sm = world.encode([p.text for p in picks], world.max_prompt_len)
-    inp, im = world.attacker_inputs(s, sm)
     rewrites = [attacker_target(world, p, rng).text for p in picks]
-    tgt, tm = _encode_responses(world, rewrites, world.max_attack_len)
-    return np.asarray(inp), np.asarray(im), tgt, tm
+    return _corpus(world, world.attacker_inputs, picks, rewrites, world.max_attack_len)
 
 
 # ----------------------------------------------------------------------------- SFT
 
 
-def sft_loss(params, lm_cfg: LMConfig, inputs, input_mask, targets, target_mask):
-    """Masked next-token cross-entropy of the response tokens:
-    mean over response positions t of -log pi(y_t | x, y_<t). inputs [B, P] left-padded, targets [B, N]
-    right-padded (EOS included, mask 1)."""
-    tokens = jnp.concatenate([inputs, targets], 1)
-    attn = jnp.concatenate([input_mask, target_mask], 1)
-    loss_mask = jnp.concatenate([jnp.zeros_like(input_mask), target_mask], 1)[:, 1:]
-    logits = llama.forward(params, lm_cfg, tokens[:, :-1], attn[:, :-1]).logits
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
-    return jnp.sum(nll * loss_mask) / jnp.maximum(jnp.sum(loss_mask), 1)
+def sft_optimizer(learning_rate: float, steps: int) -> OptimizerConfig:
+    """The players' SFT optimizer: AdamW(b1 0.9, b2 0.98, eps 1e-8, no weight decay) after clipping at
+    global norm 1; lr warms up linearly over the first 5% of the steps, then decays (cosine) to 5% of
+    the peak at the last step."""
+    warmup = max(steps // 20, 1)
+    return OptimizerConfig(
+        learning_rate=learning_rate,
+        schedule="cosine",
+        warmup_steps=warmup,
+        decay_steps=max(steps - warmup, 1),
+        min_lr_ratio=0.05,
+        b1=0.9,
+        b2=0.98,
+        eps=1e-8,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("lm_cfg", "batch_size", "length"))
+def _sft_chunk(state: SFTState, corpus: SFTBatch, key, *, lm_cfg: LMConfig, batch_size: int, length: int):
+    """`length` steps of `rl.sft.sft_step`, each on `batch_size` rows of `corpus` drawn with replacement:
+    (state, metrics stacked [length])."""
+    step = make_sft_step(LlamaPlayerModels(lm_cfg))
+    n = corpus.prompt_tokens.shape[0]
+
+    def body(state, k):
+        idx = jax.random.randint(k, (batch_size,), 0, n)
+        return step(state, jax.tree.map(lambda a: a[idx], corpus))
+
+    return jax.lax.scan(body, state, jax.random.split(key, length))
 
 
 def sft_train(
     params,
     lm_cfg: LMConfig,
-    corpus,
+    corpus: SFTBatch,
+    opt: OptimizerConfig,
     *,
     steps: int,
     batch_size: int,
-    learning_rate: float,
     key,
     desc: str = "SFT",
     progress: bool = True,
     chunk: int = 50,
 ):
-    """AdamW (warm-up + cosine decay, grad clip 1) on random minibatches of `corpus`; returns
-    (params, final mean loss of the last chunk). Steps run in jitted `lax.scan` chunks."""
-    data = tuple(jnp.asarray(a) for a in corpus)
-    n = data[0].shape[0]
-    sched = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(steps // 20, 1), max(steps, 2), learning_rate * 0.05
-    )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.98, weight_decay=0.0))
-    opt = tx.init(params)
+    """`steps` SFT steps (the RL core's `sft_step`: masked next-token cross-entropy on the response) on
+    random minibatches of `corpus`, run in jitted `lax.scan` chunks of `chunk` steps.
 
-    @jax.jit
-    def run_chunk(params, opt, key):
-        def step(carry, k):
-            params, opt = carry
-            idx = jax.random.randint(k, (batch_size,), 0, n)
-            loss, grads = jax.value_and_grad(sft_loss)(params, lm_cfg, *(a[idx] for a in data))
-            upd, opt = tx.update(grads, opt, params)
-            return (optax.apply_updates(params, upd), opt), loss
-
-        (params, opt), losses = jax.lax.scan(step, (params, opt), jax.random.split(key, chunk))
-        return params, opt, losses.mean()
-
-    loss = float("nan")
+    Returns (params, {"loss", "token_accuracy"}: means over the last chunk). Raises `NonFiniteError`
+    after a chunk in which a step met NaN/inf."""
+    state = SFTState.create(params, make_optimizer(opt))
+    corpus = SFTBatch(*(jnp.asarray(a, jnp.int32) for a in corpus))
+    summary = {"loss": float("nan"), "token_accuracy": float("nan")}
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
-    for i in range(0, steps, chunk):
+    for done in range(0, steps, chunk):
         key, sub = jax.random.split(key)
-        params, opt, loss = run_chunk(params, opt, sub)
-        loss = float(loss)
-        bar.update(min(chunk, steps - i))
-        bar.set_postfix(loss=f"{loss:.3f}")
+        length = min(chunk, steps - done)
+        state, metrics = _sft_chunk(state, corpus, sub, lm_cfg=lm_cfg, batch_size=batch_size, length=length)
+        raise_if_nonfinite(metrics)
+        summary = {k: float(jnp.mean(metrics[k])) for k in summary}
+        bar.update(length)
+        bar.set_postfix(loss=f"{summary['loss']:.3f}")
     bar.close()
-    return params, loss
+    return state.params, summary
 
 
 # ----------------------------------------------------------------------------- cache
@@ -241,7 +238,8 @@ def default_cache_dir() -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "alignjax"
 
 
-def cache_folder(world: SyntheticWorld, cache_dir=None, build_players: bool = True) -> pathlib.Path:
+def cache_folder(world: SyntheticWorld, cache_dir=None) -> pathlib.Path:
+    """<cache_dir>/synthetic-<fingerprint>/, with its tokenizer/ folder written (under the file lock)."""
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     folder = root / f"synthetic-{world.cfg.fingerprint()}"
     if not (folder / "tokenizer" / "tokenizer.json").exists():
@@ -259,47 +257,33 @@ def build_players(world: SyntheticWorld, progress: bool = True) -> tuple[Players
     cfg = world.cfg
     lm_cfg = world.lm_config()
     rng = np.random.default_rng(cfg.seed)
-    key = jax.random.PRNGKey(cfg.seed)
-    k_d, k_a, k_dt, k_at = jax.random.split(key, 4)
-    t0 = time.time()
+    k_d, k_a, k_dt, k_at = jax.random.split(jax.random.PRNGKey(cfg.seed), 4)
     n = cfg.sft_batch_size * 64
-    d_params, d_loss = sft_train(
-        llama.init_params(lm_cfg, k_d),
-        lm_cfg,
-        defender_corpus(world, n, rng),
-        steps=cfg.defender_sft_steps,
-        batch_size=cfg.sft_batch_size,
-        learning_rate=cfg.sft_learning_rate,
-        key=k_dt,
-        desc="SFT defender",
-        progress=progress,
-    )
-    t1 = time.time()
-    a_params, a_loss = sft_train(
-        llama.init_params(lm_cfg, k_a),
-        lm_cfg,
-        attacker_corpus(world, n, rng),
-        steps=cfg.attacker_sft_steps,
-        batch_size=cfg.sft_batch_size,
-        learning_rate=cfg.sft_learning_rate,
-        key=k_at,
-        desc="SFT attacker",
-        progress=progress,
-    )
-    t2 = time.time()
-    report = {
-        "defender_sft_seconds": t1 - t0,
-        "attacker_sft_seconds": t2 - t1,
-        "defender_final_loss": d_loss,
-        "attacker_final_loss": a_loss,
-    }
-    return Players(attacker=Player(a_params, lm_cfg), defender=Player(d_params, lm_cfg)), report
+    built, report = {}, {}
+    for name, corpus, steps, k_init, k_train in (
+        ("defender", defender_corpus, cfg.defender_sft_steps, k_d, k_dt),
+        ("attacker", attacker_corpus, cfg.attacker_sft_steps, k_a, k_at),
+    ):
+        t0 = time.time()
+        params, summary = sft_train(
+            llama.init_params(lm_cfg, k_init),
+            lm_cfg,
+            corpus(world, n, rng),
+            sft_optimizer(cfg.sft_learning_rate, steps),
+            steps=steps,
+            batch_size=cfg.sft_batch_size,
+            key=k_train,
+            desc=f"SFT {name}",
+            progress=progress,
+        )
+        built[name] = Player(params, lm_cfg)
+        report[f"{name}_sft_seconds"] = time.time() - t0
+        report.update({f"{name}_final_{k}": v for k, v in summary.items()})
+    return Players(**built), report
 
 
 def load_or_build(world: SyntheticWorld, cache_dir=None, progress: bool = True) -> Players:
     """Load the cached players of this world config, building them first (under a file lock) if absent."""
-    import dataclasses
-
     from alignjax.worlds.synthetic import Player, Players
 
     folder = cache_folder(world, cache_dir)

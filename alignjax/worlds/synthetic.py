@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax.models.config import LMConfig
+from alignjax.sampling import SamplingConfig, sample
 from alignjax.worlds import grammar as G
 from alignjax.worlds import judge as J
 
@@ -163,7 +164,7 @@ class WorldConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: SFT by alignjax.rl.sft (was the world's own loop)
 # fields that change rewards only, not the SFT'd players (worlds differing only here share a cache)
 JUDGE_FIELDS = ("judge_logit", "judge_noise", "judge_reads", "helpfulness_weight", "attacker_reward")
 
@@ -178,6 +179,7 @@ class Players(NamedTuple):
     defender: Player
 
 
+@jax.jit
 def _template_fill(prefix: jax.Array, suffix: jax.Array, drop: jax.Array, tokens, mask):
     """Left-padded `prefix + real tokens of x + suffix`, [B, len(prefix) + P + len(suffix)].
 
@@ -366,18 +368,11 @@ class SyntheticWorld:
         temperature: float = 1.0,
         greedy: bool = False,
     ):
-        return self._players_mod.generate(
-            params,
-            lm_cfg,
-            tokens,
-            mask,
-            key,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            greedy=greedy,
-            eos_id=self.eos_id,
-            pad_id=self.pad_id,
-        )
+        """(tokens [B, N], logprobs [B, N], mask [B, N]) after left-padded prompts [B, P]: plain temperature
+        sampling or greedy (`alignjax.sampling.sample`); logprobs are the policy's, log pi(y_t | ...)."""
+        scfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
+        out = sample(params, lm_cfg, tokens, mask, key, scfg, self.eos_id, self.pad_id)
+        return out.tokens, out.policy_logprobs, out.mask
 
     def lm_config(self) -> LMConfig:
         c = self.cfg
@@ -395,7 +390,7 @@ class SyntheticWorld:
         )
 
     def tokenizer_dir(self, cache_dir=None):
-        return self._players_mod.cache_folder(self, cache_dir, build_players=False) / "tokenizer"
+        return self._players_mod.cache_folder(self, cache_dir) / "tokenizer"
 
     def initial_players(self, cache_dir=None, progress: bool = True) -> Players:
         """The SFT'd (attacker, defender), loaded from `<cache_dir>/synthetic-<fingerprint>/` or built
