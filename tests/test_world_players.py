@@ -116,11 +116,11 @@ def test_cache_build_then_reload_is_lossless(tmp_path, monkeypatch):
     def fake_build(world, progress=True):
         calls.append(1)
         c = world.lm_config()
-        init = jax.jit(
-            init_params, static_argnums=0, static_argnames="std"
-        )  # one compilation, not one per op
-        make = lambda k: Player(init(c, jax.random.PRNGKey(k), std=0.5), c)
-        return Players(attacker=make(1), defender=make(2)), {"stub": True}
+        shapes = jax.eval_shape(lambda k: init_params(c, k), jax.random.PRNGKey(0))  # no compilation
+        rng = np.random.default_rng(0)
+        normal = lambda a: rng.normal(0, 0.5, a.shape).astype(np.float32)
+        make = lambda: Player(jax.tree.map(normal, shapes), c)
+        return Players(attacker=make(), defender=make()), {"stub": True}
 
     monkeypatch.setattr(P, "build_players", fake_build)
     cfg = WorldConfig(seed=3)
