@@ -30,7 +30,9 @@ def load_experiment(name: str, overrides=()):
     spec = yaml.safe_load(path.read_text()) or {}
     unknown = sorted(set(spec) - {"runner", "config", "description"})
     if unknown or "runner" not in spec:
-        raise ConfigError(f"{path}: needs 'runner' and 'config' keys (optional 'description'); got {sorted(spec)}")
+        raise ConfigError(
+            f"{path}: needs 'runner' and 'config' keys (optional 'description'); got {sorted(spec)}"
+        )
     module = importlib.import_module(f"alignjax.{spec['runner']}")
     cfg = build_config(module.Config, spec.get("config") or {}, overrides)
     return module, cfg

@@ -29,12 +29,11 @@ def _check_type(value, annotation, where: str):
     if annotation is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for a in args:
             try:
                 return _check_type(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {value!r} matches none of {annotation}")
     if annotation is type(None):
         if value is None:
@@ -50,7 +49,8 @@ def _check_type(value, annotation, where: str):
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+            pairs = enumerate(zip(value, args, strict=True))
+            return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in pairs)
         inner = args[0] if args else Any
         out = [_check_type(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
@@ -61,6 +61,12 @@ def _check_type(value, annotation, where: str):
     if _is_dataclass_type(annotation):
         return build_config(annotation, value, (), where)
     if annotation is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `5e-4` (no dot) as a string; accept any numeric literal for a float.
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a float, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a float, got {value!r}")
         return float(value)

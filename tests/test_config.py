@@ -28,13 +28,21 @@ def test_yaml_and_dotted_overrides_merge():
     assert cfg == Outer(flag=True, game=Inner(rounds=3, lr=0.5, ks=(4, 5, 6)))
 
 
+def test_yaml_exponent_without_dot_is_a_float():
+    import yaml
+
+    assert yaml.safe_load("lr: 5e-4") == {"lr": "5e-4"}  # the YAML 1.1 trap this guards against
+    assert build_config(Outer, yaml.safe_load("game: {lr: 5e-4}")).game.lr == 5e-4
+
+
 def test_int_is_accepted_for_float_and_none_for_optional():
     cfg = build_config(Outer, {"game": {"lr": 1}, "path": None})
     assert cfg.game.lr == 1.0 and isinstance(cfg.game.lr, float) and cfg.path is None
 
 
 def test_unknown_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['round'\].*valid keys: \['ks', 'lr', 'preset', 'rounds'\]"):
+    expected = r"unknown key\(s\) \['round'\].*valid keys: \['ks', 'lr', 'preset', 'rounds'\]"
+    with pytest.raises(ConfigError, match=expected):
         build_config(Outer, {}, ["game.round=4"])
 
 
