@@ -84,20 +84,24 @@ def test_logits_match_hf_with_and_without_left_padding(ckpts, batch, case):
     np.testing.assert_allclose(plain, hf_logits(hf, full), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("case,explicit_positions", [("llama_gqa", True), ("mistral_window", False)])
-def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, explicit_positions):
+@pytest.mark.parametrize(
+    "case,explicit_positions,per_layer", [("llama_gqa", True, False), ("mistral_window", False, True)]
+)
+def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, explicit_positions, per_layer):
     """Prefill P left-padded tokens into a cache with spare slots, feed a chunk of 2 tokens, then the
     rest one at a time; every step's logits must equal HF's no-cache logits of the whole sequence.
-    Positions are either passed (HF's cumsum(mask) - 1) or left to the cache-aware default."""
+    Positions are either passed (HF's cumsum(mask) - 1) or left to the cache-aware default; the
+    weights are stacked or per layer (`unstack_layers`, as the sampler holds them)."""
     path, hf = ckpts[case]
     tokens, mask = batch
     model = load_pretrained(path)
     cfg = model.config
+    params = llama.unstack_layers(model.params) if per_layer else model.params
     p, chunk = 6, 2
     ref = hf_logits(hf, tokens, mask)
     step = jax.jit(llama.forward, static_argnums=1)
     cache = llama.init_cache(cfg, B, T + 3)
-    out = step(model.params, cfg, jnp.asarray(tokens[:, :p]), jnp.asarray(mask[:, :p]), None, cache)
+    out = step(params, cfg, jnp.asarray(tokens[:, :p]), jnp.asarray(mask[:, :p]), None, cache)
     m = mask[:, :p].astype(bool)
     assert np.max(np.abs(np.asarray(out.logits) - ref[:, :p])[m]) <= TOL
     cache = out.cache
@@ -107,7 +111,7 @@ def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, expli
         n = chunk if t == p else 1
         sl = slice(t, t + n)
         out = step(
-            model.params,
+            params,
             cfg,
             jnp.asarray(tokens[:, sl]),
             jnp.asarray(mask[:, sl]),
@@ -120,6 +124,19 @@ def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, expli
     assert int(cache.index) == T
     with pytest.raises(ValueError, match="KV cache of 3 slots"):
         llama.forward(model.params, cfg, jnp.asarray(tokens[:, :4]), cache=llama.init_cache(cfg, B, 3))
+
+
+@pytest.mark.parametrize("case", ["llama_biases", "qwen2_tied"])
+def test_per_layer_params_match_hf(ckpts, batch, case):
+    """`unstack_layers` (one buffer per layer, the layers unrolled instead of scanned) gives HF's logits."""
+    path, hf = ckpts[case]
+    tokens, mask = batch
+    model = load_pretrained(path)
+    per_layer = llama.unstack_layers(model.params)
+    assert len(per_layer["layers"]) == model.config.num_layers
+    assert llama.unstack_layers(per_layer) is per_layer
+    out = llama.forward(per_layer, model.config, jnp.asarray(tokens), jnp.asarray(mask))
+    assert _real_max_diff(out.logits, hf_logits(hf, tokens, mask), mask) <= TOL
 
 
 @pytest.mark.parametrize("case", list(CASES))

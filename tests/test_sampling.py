@@ -4,6 +4,7 @@ teacher-forced recomputation of every log-probability, and a chi-square test of 
 against the filtered softmax computed in NumPy from HF logits."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -132,11 +133,18 @@ def test_top_p_ties_at_boundary_brute_force():
 def hf_generate(model, tokens, mask, n, eos, **kw):
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor(tokens, dtype=torch.long), attention_mask=torch.tensor(mask),
-            max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=PAD, top_k=None, top_p=None,
-            temperature=None, **kw,
+            input_ids=torch.tensor(tokens, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+            top_k=None,
+            top_p=None,
+            temperature=None,
+            **kw,
         )
-    return out[:, tokens.shape[1]:].numpy()
+    return out[:, tokens.shape[1] :].numpy()
 
 
 @pytest.mark.parametrize(
@@ -154,11 +162,19 @@ def test_greedy_equals_hf_generate(tmp_path, family, options, penalties):
     eos = int(free[1, 5])
     for penalty in penalties:
         ref = hf_generate(hf, tokens, mask, n, eos=eos, repetition_penalty=penalty)
-        out = sample(ours.params, ours.config, tokens, mask, jax.random.key(0),
-                     dataclasses.replace(greedy, repetition_penalty=penalty), eos, PAD)
+        out = sample(
+            ours.params,
+            ours.config,
+            tokens,
+            mask,
+            jax.random.key(0),
+            dataclasses.replace(greedy, repetition_penalty=penalty),
+            eos,
+            PAD,
+        )
         got = np.asarray(out.tokens)
         np.testing.assert_array_equal(got[:, : ref.shape[1]], ref)  # HF pads finished rows too
-        np.testing.assert_array_equal(got[:, ref.shape[1]:], PAD)   # HF stops when all rows end
+        np.testing.assert_array_equal(got[:, ref.shape[1] :], PAD)  # HF stops when all rows end
         assert ref.shape[1] < n or np.any(ref == eos)
         check_eos_layout(got, np.asarray(out.mask), [eos], n)
         assert np.any(np.asarray(out.mask)[1] == 0)
@@ -216,14 +232,30 @@ def test_logprobs_equal_numpy_teacher_forced(llama_ckpt, cfg):
 def test_sampled_frequencies_match_filtered_softmax(tmp_path, cfg):
     """Chi-square goodness of fit of 20k first-token draws (two prompts x 10k rows) against the NumPy
     filtered softmax of HF's logits; dropped tokens must never be drawn."""
-    path = make_tiny_hf_checkpoint(tmp_path, family="llama", seed=1, vocab_size=24, hidden_size=16,
-                                   intermediate_size=32, num_hidden_layers=1, std=0.2)
+    path = make_tiny_hf_checkpoint(
+        tmp_path,
+        family="llama",
+        seed=1,
+        vocab_size=24,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        std=0.2,
+    )
     hf, ours = load_hf_model(path), load_pretrained(path)
     prompts = np.array([[0, 5, 9, 5], [7, 3, 11, 20]], np.int32)
     masks = np.array([[0, 1, 1, 1], [1, 1, 1, 1]], np.int32)
     reps = 10_000
-    out = sample(ours.params, ours.config, np.repeat(prompts, reps, 0), np.repeat(masks, reps, 0),
-                 jax.random.key(11), cfg, None, PAD)
+    out = sample(
+        ours.params,
+        ours.config,
+        np.repeat(prompts, reps, 0),
+        np.repeat(masks, reps, 0),
+        jax.random.key(11),
+        cfg,
+        None,
+        PAD,
+    )
     draws = np.asarray(out.tokens)[:, 0].reshape(2, reps)
     for i in range(2):
         prompt = prompts[i][masks[i] == 1]
@@ -242,8 +274,14 @@ def test_sampled_frequencies_match_filtered_softmax(tmp_path, cfg):
 
 
 def test_config_validation():
-    for bad in (dict(max_new_tokens=0), dict(temperature=0.0), dict(top_k=-1), dict(top_p=0.0),
-                dict(top_p=1.5), dict(repetition_penalty=0.0)):
+    for bad in (
+        dict(max_new_tokens=0),
+        dict(temperature=0.0),
+        dict(top_k=-1),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(repetition_penalty=0.0),
+    ):
         with pytest.raises(ValueError):
             SamplingConfig(**bad)
 
@@ -252,10 +290,84 @@ def test_bad_prompts_raise_clear_errors(llama_ckpt):
     m = load_pretrained(llama_ckpt)
     cfg = SamplingConfig(max_new_tokens=2)
     tokens = np.full((2, 4), 5, np.int32)
-    for mask, match in ((np.array([[1, 1, 0, 0], [1, 1, 1, 1]]), "left-padded"),
-                        (np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), "at least one real token"),
-                        (np.array([[0, 1, 0, 1], [1, 1, 1, 1]]), "left-padded")):
+    for mask, match in (
+        (np.array([[1, 1, 0, 0], [1, 1, 1, 1]]), "left-padded"),
+        (np.array([[0, 0, 0, 0], [1, 1, 1, 1]]), "at least one real token"),
+        (np.array([[0, 1, 0, 1], [1, 1, 1, 1]]), "left-padded"),
+    ):
         with pytest.raises(ValueError, match=match):
             sample(m.params, m.config, tokens, mask, jax.random.key(0), cfg, 2, PAD)
     with pytest.raises(TypeError, match="eos_id"):
         sample(m.params, m.config, tokens, np.ones_like(tokens), jax.random.key(0), cfg, "</s>", PAD)
+
+
+# ----------------------------------------------------------------------------- compiled decode loop
+
+
+def _hlo_computations(text):
+    """{name: [instruction lines]} of an HLO module's text; the entry computation is named "ENTRY"."""
+    comps, name = {}, None
+    for line in text.splitlines():
+        if line.startswith("ENTRY"):
+            name = "ENTRY"
+        elif line.startswith("%") and line.rstrip().endswith("{"):
+            name = line.split()[0].lstrip("%")
+        else:
+            if name is not None and " = " in line:
+                comps[name].append(line.strip())
+            continue
+        comps[name] = []
+    return comps
+
+
+def test_decode_loop_copies_no_cache_or_weights():
+    """Performance guard on the compiled sampler: in the decode loop's body, no instruction produces a
+    buffer shaped like a layer's KV cache or a weight matrix except the in-place cache write. A copy,
+    transpose or slice of the cache or the weights there costs each decode step (see llama.KVCache)."""
+    from alignjax.models import LMConfig, init_params
+    from alignjax.sampling import _eos_tuple, _sample
+
+    # Distinct sizes so that a shape identifies the buffer: B 3, S = P + N - 1 = 12, hd 16, D 48, F 80.
+    config = LMConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_layers=2,
+        num_heads=3,
+        num_kv_heads=3,
+        max_position_embeddings=64,
+    )
+    cfg = SamplingConfig(max_new_tokens=8, temperature=0.8, top_p=0.9, repetition_penalty=1.1)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    prompt = jax.ShapeDtypeStruct((3, 5), jnp.int32)
+    lowered = _sample.lower(params, config, prompt, prompt, jax.random.key(0), cfg, _eos_tuple(None), 0)
+    comps = _hlo_computations(lowered.compile().as_text())
+    # The decode loop is the while of the entry computation with the largest body (the prefill is inline).
+    bodies = [line.split("body=%")[1].split(",")[0] for line in comps["ENTRY"] if " while(" in line]
+    assert bodies, "no while loop in the compiled sampler"
+    body = max(bodies, key=lambda n: len(comps[n]))
+    # Its instructions, and those of loops and calls nested in it (fusions' insides are not buffers).
+    todo, lines = [body], []
+    while todo:
+        lines += comps[name := todo.pop()]
+        for line in comps[name]:
+            todo += (
+                re.findall(r"(?:body|to_apply)=%([\w.-]+)", line)
+                if re.search(r" (while|call)\(", line)
+                else []
+            )
+    cache_shape = f"f32[3,{config.num_kv_heads},12,{config.head_dim}]"
+    weight_shapes = {"f32[48,48]", "f32[48,80]", "f32[80,48]"}
+    offenders = []
+    for line in lines:
+        m = re.search(r" = (\w+\[[\d,]*\])(?:\{[^}]*\})? ([\w-]+)\(", line)  # array-shaped results only
+        if m is None or m[2] in ("parameter", "get-tuple-element", "bitcast"):
+            continue
+        shape, op = m[1], m[2]
+        called = line.split("calls=%")[1].split(",")[0] if "calls=%" in line else None
+        in_place_write = op == "dynamic-update-slice" or (
+            called is not None and any(" dynamic-update-slice(" in x for x in comps[called])
+        )
+        if shape in weight_shapes or (shape == cache_shape and not in_place_write):
+            offenders.append(line[:160])
+    assert not offenders, "cache- or weight-sized buffers made in the decode loop:\n" + "\n".join(offenders)
