@@ -106,7 +106,9 @@ class WorldConfig:
     judge_reads: str = (
         "opener"  # "opener": the answer's first word decides its class | "content": step markers
     )
-    helpfulness_weight: float = 1.0
+    # 2.0, not 1.0: with 1.0 the default GPO+Div run drove over-refusal of the held-out benign topics from
+    # 0.006 to 0.081 (seed 0); with 2.0 it stayed at 0.006 while the attack success fell just as far.
+    helpfulness_weight: float = 2.0
     attacker_reward: str = "p_unsafe"  # "p_unsafe" (paper) | "zero_sum" (1 - defender reward)
     # --- initial players (SFT)
     blind_spot_compliance: float = 1.0  # P(comply) in the defender's SFT data under a blind-spot framing
