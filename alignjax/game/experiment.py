@@ -25,6 +25,7 @@ k = 0; GPO+Div = alternating with k > 0; simultaneous = both players learn every
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import shutil
@@ -449,6 +450,12 @@ def make_plots(run_dir: pathlib.Path, cfg: Config) -> list[pathlib.Path]:
     return paths
 
 
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+})
+
+
 def export_players(run_dir: pathlib.Path, state: GameState, spec: GameSpec, tokenizer_dir=None) -> dict:
     """Final policies as HF causal-LM folders (+ the tokenizer files) under run_dir/export/."""
     from alignjax.models.hf_io import save_pretrained
@@ -458,8 +465,10 @@ def export_players(run_dir: pathlib.Path, state: GameState, spec: GameSpec, toke
                              ("attacker", state.attacker.policy_params, spec.attacker_lm)):
         out = save_pretrained(jax.tree.map(np.asarray, params), lm, run_dir / "export" / name)
         if tokenizer_dir is not None and pathlib.Path(tokenizer_dir).exists():
+            # only the tokenizer's files: the real setting's tokenizer folder is the defender's checkpoint,
+            # whose weights and config.json would otherwise overwrite the exported policy
             for f in pathlib.Path(tokenizer_dir).iterdir():
-                if f.is_file():
+                if f.is_file() and f.name in TOKENIZER_FILES:
                     shutil.copy(f, out / f.name)
         paths[name] = str(out)
     return paths
@@ -609,7 +618,9 @@ def build_real(cfg: Config, axis_name: str | None = "data") -> Built:
     def critic(player, params, lm, k):
         if player.critic_checkpoint:
             return load_reward_model(player.critic_checkpoint, dtype).params
-        return heads.init_critic(lm, k, params)
+        # the head in the backbone's dtype: optax's injected hyperparameters take the params' common
+        # dtype, and a bf16 backbone with an f32 head would turn the bf16 Adam moments into f32
+        return heads.init_critic(lm, k, params, dtype)
 
     defender = make_player_state(d.params, critic(cfg.defender, d.params, d.config, k_dc),
                                  cfg.defender.policy_optimizer, cfg.defender.critic_optimizer)
@@ -628,6 +639,10 @@ def build_real(cfg: Config, axis_name: str | None = "data") -> Built:
     return Built(spec, state, consts, tok, d.config)
 
 
+# spec static (hashable, compared by value): the final evaluation reuses the initial one's executables
+_play_jit = jax.jit(play, static_argnums=0)
+
+
 def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -> dict:
     """Attack success of the defender on the first n seed prompts (asked directly) and of the
     attacker's rewrites of them (one sampled answer each, judged), plus the rewrites' diversity."""
@@ -643,7 +658,7 @@ def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -
     bsz = spec.cfg.batch_size
     out = {"defender_asr": [], "attacker_asr": [], "prompts": [], "lengths": []}
     for name, sp in (("defender_asr", direct), ("attacker_asr", spec)):
-        fn = jax.jit(lambda s, b, k, c, sp=sp: play(sp, s, b, k, c))
+        fn = functools.partial(_play_jit, sp)
         for start in range(0, n, bsz):
             idx = np.minimum(np.arange(start, start + bsz), n - 1)
             batch = (built.consts.seed_tokens[idx], built.consts.seed_mask[idx])
