@@ -30,6 +30,7 @@ import json
 import pathlib
 import shutil
 import time
+import warnings
 from typing import Literal
 
 import jax
@@ -573,6 +574,15 @@ def build_real(cfg: Config, axis_name: str | None = "data") -> Built:
     from alignjax.text.tokenizer import load_tokenizer
 
     dtype = jnp.bfloat16 if cfg.real.dtype == "bfloat16" else jnp.float32
+    if dtype == jnp.bfloat16:
+        # Params, and so the Adam updates, live in bf16 (no float32 master copy yet): an update smaller
+        # than bf16's resolution (~8e-3 relative) is rounded away, so at the spec's learning rates
+        # (5e-7 to 3e-6) almost no weight changes. Said loudly rather than left to be discovered.
+        warnings.warn(
+            "real.dtype=bfloat16 stores params and optimizer updates in bf16 without float32 master "
+            "weights: at learning rates ~1e-6 almost no weight changes. Use real.dtype=float32 to train.",
+            stacklevel=2,
+        )
     tqdm.write("[alignjax] loading the players, the judge and the embedder")
     d = load_pretrained(cfg.defender.checkpoint, dtype)
     a = load_pretrained(cfg.attacker.checkpoint, dtype)
