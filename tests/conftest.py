@@ -10,10 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One intra-op thread per pytest-xdist worker: two workers already fill the 2 cores, and oversubscribed
 # torch threads made tiny HF reference models orders of magnitude slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The synthetic world's SFT'd players are cached on disk by world config. Players built under the test
-# settings (float32 "highest" matmuls, 8 fake devices) differ in the last bits from those `make
-# experiment` builds, and a shared cache then changed the default experiment's results after a
-# `make test`. The tests keep their own cache.
+# The synthetic world's SFT'd players are cached on disk, keyed by world config and numerics settings.
+# Players built under the test settings differed in the last bits from those `make experiment` builds
+# (over-refusal 0.013 vs 0.006 in the default run); the tests keep their own cache folder as well.
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("ALIGNJAX_CACHE_DIR", os.path.join(_REPO, "cache", "tests"))
 

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -384,10 +383,6 @@ class Pretrained:
         if attn_mask is None:
             attn_mask = jnp.ones(tokens.shape, jnp.int32)
         return _logits(params, self.config, tokens.astype(jnp.int32), jnp.asarray(attn_mask))
-
-    @property
-    def apply(self) -> Callable[..., jax.Array]:
-        return self.forward
 
 
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:

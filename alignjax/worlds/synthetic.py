@@ -159,10 +159,13 @@ class WorldConfig:
             raise ValueError("invalid WorldConfig: " + "; ".join(err))
 
     def fingerprint(self) -> str:
-        """Hash of every field that shapes the initial players (all but the judge and reward fields) and
-        of the cache format version: the on-disk cache key of the players."""
+        """Hash of every field that shapes the initial players (all but the judge and reward fields), of
+        the cache format version and of the numerics the SFT ran under (backend, default matmul
+        precision: players built under other settings differ in the last bits, which changes every
+        game played from them): the on-disk cache key of the players."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in JUDGE_FIELDS}
-        blob = json.dumps({"v": CACHE_VERSION, **fields}, sort_keys=True)
+        numerics = {"backend": jax.default_backend(), "matmul": str(jax.config.jax_default_matmul_precision)}
+        blob = json.dumps({"v": CACHE_VERSION, "numerics": numerics, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
