@@ -1,7 +1,8 @@
 """Experiment runner: `python -m alignjax.cli NAME [section.key=value ...]` (what `make experiment` calls).
 
-`experiments/NAME.yaml` holds `runner: <module under alignjax>` and a `config:` mapping. The runner
-module exposes a dataclass `Config` and `run(cfg, run_dir) -> None`. The resolved config is written
+`experiments/NAME.yaml` holds `runner: <module under alignjax>` and a `config:` mapping, optionally
+`base: <another experiment>` whose config it extends (a baseline then states only what defines it).
+The runner module exposes a dataclass `Config` and `run(cfg, run_dir) -> None`. The resolved config is written
 to `runs/NAME/<timestamp>/config.yaml` before the run starts.
 """
 
@@ -14,7 +15,7 @@ import sys
 
 import yaml
 
-from alignjax.config import ConfigError, build_config, dump_yaml
+from alignjax.config import ConfigError, build_config, dump_yaml, merge_trees
 
 EXPERIMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "experiments"
 
@@ -23,16 +24,29 @@ def available() -> list[str]:
     return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml"))
 
 
-def load_experiment(name: str, overrides=()):
+def _read_spec(name: str, seen: tuple[str, ...] = ()) -> dict:
+    """The experiment file `name`, with its `base` chain merged in (base first, this file on top)."""
     path = EXPERIMENTS_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"no experiment {name!r}: {path} does not exist; available: {available()}")
+    if name in seen:
+        raise ConfigError(f"{path}: 'base' chain loops: {' -> '.join(seen + (name,))}")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(spec) - {"runner", "config", "description"})
+    unknown = sorted(set(spec) - {"runner", "config", "description", "base"})
     if unknown or "runner" not in spec:
         raise ConfigError(
-            f"{path}: needs 'runner' and 'config' keys (optional 'description'); got {sorted(spec)}"
+            f"{path}: needs 'runner' and 'config' keys (optional 'description', 'base'); got {sorted(spec)}"
         )
+    if "base" in spec:
+        base = _read_spec(spec["base"], seen + (name,))
+        if base["runner"] != spec["runner"]:
+            raise ConfigError(f"{path}: runner {spec['runner']!r} differs from its base's {base['runner']!r}")
+        spec = {**spec, "config": merge_trees(base.get("config") or {}, spec.get("config") or {})}
+    return spec
+
+
+def load_experiment(name: str, overrides=()):
+    spec = _read_spec(name)
     module = importlib.import_module(f"alignjax.{spec['runner']}")
     cfg = build_config(module.Config, spec.get("config") or {}, overrides)
     return module, cfg

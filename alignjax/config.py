@@ -105,11 +105,12 @@ def parse_overrides(overrides) -> dict:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_trees(base: dict, top: dict) -> dict:
+    """Nested dicts merged key by key, `top` winning; a non-dict value replaces the whole subtree."""
     out = dict(base)
     for k, v in top.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_trees(out[k], v)
         else:
             out[k] = v
     return out
@@ -119,7 +120,7 @@ def build_config(cls, mapping: dict | None = None, overrides=(), where: str = "c
     """Instantiate dataclass `cls` from `mapping` (+ dotted `overrides`), validating keys and types."""
     mapping = dict(mapping or {})
     if overrides:
-        mapping = _merge(mapping, parse_overrides(overrides))
+        mapping = merge_trees(mapping, parse_overrides(overrides))
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -62,3 +62,19 @@ def test_dump_roundtrip():
 
     cfg = build_config(Outer, {}, ["game.ks=[7]"])
     assert build_config(Outer, yaml.safe_load(dump_yaml(cfg))) == cfg
+
+
+def test_experiment_base_chain_merges_and_rejects_loops(tmp_path, monkeypatch):
+    from alignjax import cli
+
+    monkeypatch.setattr(cli, "EXPERIMENTS_DIR", tmp_path)
+    (tmp_path / "a.yaml").write_text("runner: r\nconfig: {game: {rounds: 3, lr: 0.5}, name: a}\n")
+    (tmp_path / "b.yaml").write_text("runner: r\nbase: a\nconfig: {game: {rounds: 4}}\n")
+    assert cli._read_spec("b")["config"] == {"game": {"rounds": 4, "lr": 0.5}, "name": "a"}
+    (tmp_path / "c.yaml").write_text("runner: r\nbase: d\nconfig: {}\n")
+    (tmp_path / "d.yaml").write_text("runner: r\nbase: c\nconfig: {}\n")
+    with pytest.raises(ConfigError, match="loops: c -> d -> c"):
+        cli._read_spec("c")
+    (tmp_path / "e.yaml").write_text("runner: other\nbase: a\nconfig: {}\n")
+    with pytest.raises(ConfigError, match="differs from its base"):
+        cli._read_spec("e")
