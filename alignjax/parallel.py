@@ -71,6 +71,21 @@ def psum(tree: Any, axis_name: str | None = DATA_AXIS) -> Any:
     return tree if axis_name is None else jax.lax.psum(tree, axis_name)
 
 
+def axis_size(axis_name: str | None = DATA_AXIS):
+    """Number of devices along the axis (1 when axis_name is None)."""
+    return 1 if axis_name is None else jax.lax.psum(1, axis_name)
+
+
+def axis_index(axis_name: str | None = DATA_AXIS):
+    """This device's index along the axis (0 when axis_name is None)."""
+    return 0 if axis_name is None else jax.lax.axis_index(axis_name)
+
+
+def all_gather(x: Any, axis_name: str | None = DATA_AXIS) -> Any:
+    """All devices' rows in device order, [b, ...] -> [n * b, ...] (identical on every device)."""
+    return x if axis_name is None else jax.lax.all_gather(x, axis_name, tiled=True)
+
+
 def device_keys(key: jax.Array, n: int | None = None) -> jax.Array:
     """n independent keys [n, ...], one per device (for per-device sampling); `replicate(key)` gives
     the same key everywhere (for decisions that must agree across devices)."""

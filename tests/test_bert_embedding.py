@@ -4,6 +4,7 @@ sentence-transformers all-MiniLM-L6-v2, and a NumPy loop for the cosine to the h
 import json
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +106,30 @@ def test_cosine_to_history_matches_numpy_loop():
         assert got[i] == pytest.approx(np.mean(cos), abs=1e-6)
     empty = cosine_to_history(jnp.asarray(new), jnp.asarray(past), jnp.zeros((7,), bool))
     np.testing.assert_array_equal(np.asarray(empty), np.zeros(4))
+
+
+def test_vocab_embedder_on_device_matches_sentence_transformers(minilm):
+    """The synthetic world's MiniLM R_emb runs on device from a word-piece table built once: equal to
+    sentence-transformers on the decoded prompts, and to the pure_callback re-tokenising embedder,
+    with and without truncation at max_len."""
+    from alignjax.rewards.embedding import make_vocab_embedder, wordpiece_table
+    from alignjax.worlds import SyntheticWorld
+
+    encoder, st = minilm
+    world = SyntheticWorld()
+    texts = [p.text for p in world.prompts("all")[::97]][:12] + [""]
+    x, xm = world.encode(texts, world.max_attack_len, side="right")
+    x = jnp.where(xm > 0, x, world.eos_id)  # junk after the prompt must not matter
+    lengths = jnp.sum(xm, axis=1)
+    words = [world.tokenizer.id_to_token(i) for i in range(world.vocab_size)]
+    table = wordpiece_table(encoder, words, (world.pad_id, world.bos_id, world.eos_id, world.unk_id))
+    decode = lambda ids: world.tokenizer.decode(list(ids), skip_special_tokens=True)
+    ref = st.encode([decode(r[:n]) for r, n in zip(np.asarray(x), np.asarray(lengths), strict=True)],
+                    convert_to_numpy=True)
+    for max_len in (64, 8):  # 8: every grammatical prompt is cut, keeping [SEP]
+        on_device = jax.jit(make_vocab_embedder(encoder, *table, max_len=max_len))(encoder.params, x, lengths)
+        callback = jax.jit(make_token_embedder(encoder, decode, max_len))(encoder.params, x, lengths)
+        chex.assert_shape(on_device, (len(texts), 384))
+        chex.assert_trees_all_close(on_device, callback, atol=1e-5)
+        if max_len == 64:
+            np.testing.assert_allclose(np.asarray(on_device), ref, atol=2e-5)

@@ -11,6 +11,7 @@ import yaml
 from alignjax.cli import EXPERIMENTS_DIR, load_experiment
 from alignjax.config import ConfigError
 from alignjax.game import experiment as E
+from alignjax.settings import RealSetting
 
 GAME_EXPERIMENTS = sorted(
     p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")
@@ -116,10 +117,10 @@ def test_real_paths_present_pass_the_check(tmp_path):
         real=dataclasses.replace(cfg.real, judge=paths["judge"], seed_prompts=str(tmp_path / "seeds.txt")),
         embedder=dataclasses.replace(cfg.embedder, path=""),
     )
-    E.check_paths(cfg)  # no exception: every required path exists
+    RealSetting().check(cfg)  # no exception: every required path exists
     bad = dataclasses.replace(cfg, real=dataclasses.replace(cfg.real, judge=str(tmp_path / "nope")))
     with pytest.raises(FileNotFoundError, match=str(pathlib.Path(tmp_path / "nope"))):
-        E.check_paths(bad)
+        RealSetting().check(bad)
 
 
 def test_resume_needs_the_same_config(tmp_path):
@@ -129,9 +130,9 @@ def test_resume_needs_the_same_config(tmp_path):
     (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
     longer = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, total_steps=400),
                                  resume=str(tmp_path))
-    E._check_resume_config(longer, tmp_path)  # extending the run is fine
+    E.check_resume_config(longer, tmp_path)  # extending the run is fine
     other = dataclasses.replace(cfg, seed=7)
     with pytest.raises(ValueError, match=r"\['seed'\]"):
-        E._check_resume_config(other, tmp_path)
+        E.check_resume_config(other, tmp_path)
     with pytest.raises(FileNotFoundError, match="checkpoints"):
         E.run(dataclasses.replace(cfg, resume=str(tmp_path)), tmp_path / "new")

@@ -125,12 +125,9 @@ def _check_run_folder(run_dir: pathlib.Path, initial: dict, stages: list[int], a
     for r in steps:
         bad = {k: v for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)}
         assert not bad, f"non-finite metrics at step {r['step']}: {bad}"
-        # every sample of the global batch (4, over 2 devices) was judged and scored
-        assert r["rewards/judged"] == 4 and r["rewards/defender_scored"] == 4, r
         assert 0.0 <= r["judge/p_safe"] <= 1.0 and 0.0 <= r["judge/p_unsafe"] <= 1.0
         assert r["judge/p_safe"] + r["judge/p_unsafe"] <= 1.0 + 1e-5  # two tokens of one softmax
         if r["stage"] == 1:
-            assert r["rewards/attacker_scored"] == 4, r
             assert math.isfinite(r["attacker/cosine_to_history"]), r  # the MiniLM term was computed
             assert r["attacker/ppo/update_skipped"] == 0
         if r["stage"] == 0:

@@ -109,7 +109,7 @@ def test_cache_build_then_reload_is_lossless(tmp_path, monkeypatch):
     bit for bit; the folder holds the documented layout; a built folder is not rebuilt."""
     from alignjax.models.llama import init_params
     from alignjax.worlds import players as P
-    from alignjax.worlds.synthetic import Player, Players
+    from alignjax.worlds.base import Player, Players
 
     calls = []
 

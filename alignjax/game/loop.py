@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import time
 from typing import Any, Callable
@@ -41,7 +40,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from alignjax import parallel
 from alignjax.checkpoint import CheckpointStore
+from alignjax.game import keys
+from alignjax.game import metrics as game_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,15 +62,7 @@ class LoopConfig:
             )
 
 
-AXIS = "data"
-
-
-def step_key(rng: jax.Array, step: jax.Array, axis_name: str | None = AXIS) -> jax.Array:
-    """Key of one step on one device: fold_in(fold_in(rng, step), device index)."""
-    key = jax.random.fold_in(rng, step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return key
+AXIS = parallel.DATA_AXIS
 
 
 def make_chunk_fn(step_fn: Callable, length: int, axis_name: str = AXIS) -> Callable:
@@ -76,7 +70,7 @@ def make_chunk_fn(step_fn: Callable, length: int, axis_name: str = AXIS) -> Call
 
     def chunk(state, consts):
         def body(state, _):
-            key = step_key(state.rng, state.step, axis_name)
+            key = keys.step_key(state.rng, state.step, axis_name)
             new_state, metrics = step_fn(state, key, consts)
             chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
             new_state = _with_step(new_state, state.step + 1)
@@ -133,14 +127,13 @@ class MetricLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def write(self, record: dict):
+        """Append one record of scalars; every value must be finite (the loop checks before)."""
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()
                   if np.ndim(v) == 0}
-        # NaN marks "not measured in this step" (e.g. the PPO metrics of the player that did not learn)
-        record = {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))}
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, record["step"])
 
     def flush(self):
@@ -226,23 +219,26 @@ def run_loop(
             state = unreplicate(state_r)
             seconds = time.perf_counter() - t0
             start += length
-            for i in range(length):
-                log.write({k: v[i] for k, v in metrics.items()} | {"time/step_s": seconds / length})
+            records = [game_metrics.select({k: v[i] for k, v in metrics.items()}) for i in range(length)]
+            for record in records:
+                log.write(record | {"time/step_s": seconds / length})
             for k, v in metrics.items():
                 if k.endswith("update_skipped") and np.nansum(v) > 0:
                     bad = [int(s) for s, x in zip(metrics["step"], v, strict=True) if x > 0]
                     tqdm.write(f"[alignjax] warning: {k} at steps {bad}: a non-finite loss or gradient; "
                                "that update was not applied (see the nonfinite/* metrics)")
+            _stop_on_nonfinite(records, store)
             if on_chunk_end is not None:
                 extra = on_chunk_end(start, state) or {}
                 if extra:
+                    _stop_on_nonfinite([{"step": start - 1} | extra], store)
                     log.write({"step": start - 1} | extra)
             log.flush()
             if before_save is not None:
                 before_save(start, state)
             store.save(start, state, metadata)
             bar.update(length)
-            bar.set_postfix({k: f"{float(metrics[k][-1]):.3g}" for k in _postfix_keys(metrics)})
+            bar.set_postfix({k: f"{float(records[-1][k]):.3g}" for k in _postfix_keys(records[-1])})
     finally:
         bar.close()
         log.close()
@@ -250,9 +246,27 @@ def run_loop(
     return state
 
 
-def _postfix_keys(metrics: dict) -> list[str]:
+def _postfix_keys(record: dict) -> list[str]:
+    """The progress bar's figures: those the last step measured (the learner's reward, attack success)."""
     wanted = ("defender/score", "attacker/reward", "attack_success")
-    return [k for k in wanted if k in metrics]
+    return [k for k in wanted if k in record]
+
+
+class NonFiniteMetricError(FloatingPointError):
+    """A logged metric was NaN or inf: the run stops rather than log a number nobody can trust."""
+
+
+def _stop_on_nonfinite(records: list[dict], store: CheckpointStore) -> None:
+    for record in records:
+        bad = game_metrics.nonfinite(record)
+        if bad:
+            last = store.latest_step()
+            where = (f"step {last} in {store.directory}" if last is not None
+                     else "none (the run had not saved yet)")
+            raise NonFiniteMetricError(
+                f"step {int(record.get('step', -1))}: non-finite metric(s) {bad}; the run stops here. "
+                f"Last good checkpoint: {where} (the lines of this chunk are in metrics.jsonl; a resume "
+                "drops them)")
 
 
 def all_equal_across_devices(tree) -> bool:

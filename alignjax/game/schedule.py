@@ -65,6 +65,12 @@ def stage_at(step, cfg: ScheduleConfig):
     return xp.where(step % (n_def + n_att) < n_def, DEFEND, ATTACK).astype(xp.int32)
 
 
+def stages_of(cfg: ScheduleConfig) -> tuple[int, ...]:
+    """The stages a mode can take, in code order (static: what the compiled step must branch over)."""
+    return {"alternating": (DEFEND, ATTACK), "simultaneous": (BOTH,), "defend_only": (DEFEND,),
+            "attack_only": (ATTACK,)}[cfg.mode]
+
+
 def round_at(step, cfg: ScheduleConfig):
     """Round index (one defend stage + one attack stage) of step `step`; 0 for non-alternating modes."""
     if cfg.mode != "alternating":

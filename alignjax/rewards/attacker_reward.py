@@ -25,6 +25,7 @@ The reward is one scalar per sample; the RL code places it on the last response 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import chex
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 
 from alignjax.rewards import history as history_lib
 from alignjax.rewards.embedding import cosine_to_history
-from alignjax.rewards.selfbleu import FORMS, self_bleu
+from alignjax.rewards.selfbleu import DEFAULT_ORDERS, FORMS, self_bleu
 
 PRESETS = ("paper", "authors_code", "custom")
 
@@ -107,16 +108,28 @@ def similarity_to_history(
     history: history_lib.History,
     tokens: jax.Array,
     lengths: jax.Array,
-    embeddings: jax.Array,
+    embeddings: jax.Array | None,
     selfbleu_form: str = "per_reference",
     chunk_size: int = 256,
+    orders: Sequence[int] = DEFAULT_ORDERS,
+    use_selfbleu: bool = True,
 ) -> Similarity:
     """SelfBLEU_X and Cos_X [B] of new prompts against the valid entries of the history (jittable).
 
-    tokens: [B, L] right-padded prompt ids (no EOS); lengths: [B]; embeddings: [B, E]. Call it before
+    tokens: [B, L] right-padded prompt ids (no EOS); lengths: [B]; embeddings: [B, E], or None for no
+    embedding term (Cos_X = 0); use_selfbleu=False gives SelfBLEU_X = 0. Call it before
     `history.add` so a prompt is not compared with itself; an empty history gives 0 for both."""
+    chex.assert_rank([tokens, lengths], [2, 1])
+    b = tokens.shape[0]
     valid = history_lib.valid_mask(history)
-    bleu = self_bleu(
-        tokens, lengths, history.tokens, history.lengths, valid, form=selfbleu_form, chunk_size=chunk_size
-    )
-    return Similarity(bleu, cosine_to_history(embeddings, history.embeddings, valid))
+    if use_selfbleu:
+        bleu = self_bleu(tokens, lengths, history.tokens, history.lengths, valid, form=selfbleu_form,
+                         orders=orders, chunk_size=chunk_size)
+    else:
+        bleu = jnp.zeros((b,), jnp.float32)
+    if embeddings is None:
+        cos = jnp.zeros((b,), jnp.float32)
+    else:
+        cos = cosine_to_history(embeddings, history.embeddings, valid)
+    chex.assert_shape([bleu, cos], (b,))
+    return Similarity(bleu, cos)

@@ -103,3 +103,9 @@ def prompt_lengths(tokens: jax.Array, mask: jax.Array, eos_id: int | None = None
         return n
     last = jnp.take_along_axis(tokens, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
     return n - ((n > 0) & (last == eos_id)).astype(jnp.int32)
+
+
+def length_mask(lengths: jax.Array, width: int) -> jax.Array:
+    """[B, width] int32 mask of right-padded rows: 1 at positions t < lengths[b]."""
+    chex.assert_rank(lengths, 1)
+    return (jnp.arange(width)[None, :] < lengths[:, None]).astype(jnp.int32)

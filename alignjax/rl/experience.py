@@ -97,8 +97,10 @@ class PPOConfig:
     num_minibatches). whiten_advantages: global masked whitening of A. advantage_clip: clip A after
     whitening. reward_scaling: "none" | "scale" (s / running std) | "normalize" ((s - mean) / std),
     running moments kept in PlayerState. reward_clip: clip the (scaled) score to [-c, c].
-    temperature: divide logits by it in every log-prob (match the sampler's when it is part of the
-    policy). loss_aggregation: "token_mean" (mean over all response tokens of the batch) or
+    temperature: divide logits by it in every log-prob. PPO is on-policy only when this is the
+    temperature the tokens were sampled at: the game derives it from the player's SamplingConfig and
+    rejects a different value (game.step.GameConfig); None = 1.0 when used alone.
+    loss_aggregation: "token_mean" (mean over all response tokens of the batch) or
     "seq_mean" (mean over tokens of each sequence, then over sequences).
     """
 
@@ -116,8 +118,13 @@ class PPOConfig:
     advantage_clip: float | None = None
     reward_scaling: Literal["none", "scale", "normalize"] = "none"
     reward_clip: float | None = None
-    temperature: float = 1.0
+    temperature: float | None = None
     loss_aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of every log-prob PPO computes (1.0 when unset)."""
+        return 1.0 if self.temperature is None else self.temperature
 
     def __post_init__(self):
         if self.epochs < 1 or self.num_minibatches < 1:
@@ -138,7 +145,7 @@ class PPOConfig:
             )
         if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         for name in ("clip_ratio", "value_clip", "advantage_clip", "reward_clip"):
             v = getattr(self, name)
@@ -260,10 +267,10 @@ def compute_experience(
     def forward_chunk(pt, pm, rt, rm):
         tokens, tmask = model_inputs(pt, pm, rt, rm)
         logp = kernels.token_logprobs(
-            models.policy_logits(policy_params, tokens, tmask, n), rt, cfg.temperature
+            models.policy_logits(policy_params, tokens, tmask, n), rt, cfg.logprob_temperature
         )
         ref_logp = kernels.token_logprobs(
-            models.policy_logits(ref_params, tokens, tmask, n), rt, cfg.temperature
+            models.policy_logits(ref_params, tokens, tmask, n), rt, cfg.logprob_temperature
         )
         values = models.critic_values(critic_params, tokens, tmask, n)
         return logp, ref_logp, values

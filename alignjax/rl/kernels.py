@@ -14,20 +14,18 @@ import chex
 import jax
 import jax.numpy as jnp
 
-
-def _psum(x, axis_name: str | None):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
+from alignjax.parallel import psum
 
 
 def masked_sum(x: jax.Array, mask: jax.Array, axis_name: str | None = None) -> jax.Array:
     """sum_i x_i m_i over all elements (and over devices when `axis_name` is given) -> []."""
     chex.assert_equal_shape([x, mask])
-    return _psum(jnp.sum(jnp.where(mask.astype(bool), x, 0.0)), axis_name)
+    return psum(jnp.sum(jnp.where(mask.astype(bool), x, 0.0)), axis_name)
 
 
 def masked_count(mask: jax.Array, axis_name: str | None = None) -> jax.Array:
     """Number of unmasked elements, global over `axis_name` -> [] float32."""
-    return _psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
+    return psum(jnp.sum(mask.astype(jnp.float32)), axis_name)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis_name: str | None = None) -> jax.Array:

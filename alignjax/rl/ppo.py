@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from alignjax.parallel import psum
 from alignjax.rl import kernels
 from alignjax.rl.experience import Experience, PPOConfig, Rollout, compute_experience, model_inputs
 from alignjax.rl.state import PlayerState, current_lr
@@ -46,9 +47,6 @@ class NonFiniteError(FloatingPointError):
     """A PPO or SFT step met NaN/inf; the message names the step(s) and the offending metrics."""
 
 
-def _psum(x, axis_name):
-    return x if axis_name is None else jax.lax.psum(x, axis_name)
-
 
 def local_share(x: jax.Array, mask: jax.Array, mode: str, axis_name: str | None) -> jax.Array:
     """This device's share of a global masked mean: local numerator / global denominator -> [].
@@ -59,11 +57,11 @@ def local_share(x: jax.Array, mask: jax.Array, mode: str, axis_name: str | None)
     m = mask.astype(jnp.float32)
     if mode == "token_mean":
         num = jnp.sum(x * m)
-        den = _psum(jnp.sum(m), axis_name)
+        den = psum(jnp.sum(m), axis_name)
     else:
         lengths = jnp.sum(m, axis=1)
         num = jnp.sum(jnp.sum(x * m, axis=1) / jnp.maximum(lengths, 1.0))
-        den = _psum(jnp.sum((lengths > 0).astype(jnp.float32)), axis_name)
+        den = psum(jnp.sum((lengths > 0).astype(jnp.float32)), axis_name)
     return num / jnp.maximum(den, 1.0)
 
 
@@ -73,7 +71,7 @@ def policy_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axi
     m = mb.response_mask.astype(jnp.float32)
     tokens, tmask = model_inputs(mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask)
     logits = models.policy_logits(params, tokens, tmask, n)
-    logp = kernels.token_logprobs(logits, mb.response_tokens, cfg.temperature)
+    logp = kernels.token_logprobs(logits, mb.response_tokens, cfg.logprob_temperature)
     log_ratio = (logp - mb.logprobs) * m
     ratio = jnp.exp(log_ratio)
     adv = mb.advantages
@@ -83,7 +81,7 @@ def policy_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axi
         pg_clip = -adv * jnp.clip(ratio, 1.0 - cfg.clip_ratio, 1.0 + cfg.clip_ratio)
         clipped = (pg_clip > pg).astype(jnp.float32)
         pg = jnp.maximum(pg, pg_clip)
-    entropy = kernels.entropy_from_logits(logits, cfg.temperature)
+    entropy = kernels.entropy_from_logits(logits, cfg.logprob_temperature)
     if cfg.entropy_coef == 0.0:
         entropy = jax.lax.stop_gradient(entropy)  # metric only: skip its backward pass
     share = functools.partial(local_share, mask=m, mode=cfg.loss_aggregation, axis_name=axis_name)
@@ -172,8 +170,8 @@ def ppo_epochs(
             functools.partial(value_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
         )(cp, mb)
         # global gradient = sum over devices of the local shares' gradients; metrics likewise
-        p_grads, c_grads = _psum(p_grads, axis_name), _psum(c_grads, axis_name)
-        aux = _psum({**p_aux, **v_aux}, axis_name)
+        p_grads, c_grads = psum(p_grads, axis_name), psum(c_grads, axis_name)
+        aux = psum({**p_aux, **v_aux}, axis_name)
         p_norm, c_norm = optax.tree.norm(p_grads), optax.tree.norm(c_grads)
         checks = {
             "policy_loss": _is_finite(aux["policy_loss"]),

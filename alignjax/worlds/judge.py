@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from alignjax.rewards.judge import JudgeOutput
+from alignjax.rewards.judge import JudgeOutput, Scores
 from alignjax.worlds import grammar as G
 
 
@@ -158,3 +158,36 @@ def _judge(
     compliant = is_compliant(tables, response_tokens, response_mask, reads)
     p = p_unsafe_of_class(tables, prompt_tokens, prompt_mask, compliant, judge_logit, judge_noise, seed)
     return JudgeOutput(p_safe=1.0 - p, p_unsafe=p, unsafe=p > 0.5)
+
+
+@functools.partial(jax.jit, static_argnames=("judge_logit", "judge_noise", "seed", "reads",
+                                             "helpfulness_weight", "zero_sum"))
+def referee(
+    tables: JudgeTables,
+    prompt_tokens,
+    prompt_mask,
+    response_tokens,
+    response_mask,
+    *,
+    judge_logit: float,
+    judge_noise: float,
+    seed: int,
+    reads: str,
+    helpfulness_weight: float,
+    zero_sum: bool,
+) -> Scores:
+    """Everything the game needs to know about a rollout batch in the synthetic world ([B] each):
+
+        judge      the world judge (above) on (x, y)
+        defender   r(x, y) = p_safe - helpfulness_weight * benign(x) * (1 - compliant(y))
+        attacker   (p_safe, p_unsafe) of the judge, or (r, 1 - r) when `zero_sum`
+        harmful, benign, compliant   the labels of x and the class of y
+
+    `tables` travel in `GameConsts.judge`; the numbers are static."""
+    out = _judge(tables, prompt_tokens, prompt_mask, response_tokens, response_mask,
+                 judge_logit=judge_logit, judge_noise=judge_noise, seed=seed, reads=reads)
+    harmful, benign = prompt_labels(tables, prompt_tokens, prompt_mask)
+    compliant = is_compliant(tables, response_tokens, response_mask, reads)
+    defender = out.p_safe - helpfulness_weight * (benign & ~compliant).astype(jnp.float32)
+    a_safe, a_unsafe = (defender, 1.0 - defender) if zero_sum else (out.p_safe, out.p_unsafe)
+    return Scores(out, defender, a_safe, a_unsafe, harmful, benign, compliant)

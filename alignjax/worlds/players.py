@@ -31,7 +31,6 @@ import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm.auto import tqdm
 
 from alignjax.models import hf_io, llama
@@ -46,40 +45,11 @@ from alignjax.rl import (
     raise_if_nonfinite,
 )
 from alignjax.worlds import grammar as G
+from alignjax.worlds.base import Player, Players
+from alignjax.worlds.tokenizer import save_tokenizer
 
 if TYPE_CHECKING:
-    from alignjax.worlds.synthetic import Players, SyntheticWorld
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def build_tokenizer(words: list[str]) -> Tokenizer:
-    """WordLevel tokenizer over `words` (special tokens first: <pad>=0 <s>=1 </s>=2 <unk>=3), splitting
-    on whitespace and punctuation; `encode(text)` prepends <s> as Llama tokenizers do."""
-    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(list(G.SPECIAL_TOKENS))
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", G.BOS_ID)]
-    )
-    return tok
-
-
-def save_tokenizer(tok: Tokenizer, folder: pathlib.Path) -> None:
-    """tokenizer.json plus the config files `transformers.AutoTokenizer.from_pretrained` needs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tok.save(str(folder / "tokenizer.json"))
-    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 256,
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-        **special,
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    from alignjax.worlds.synthetic import SyntheticWorld
 
 
 # ----------------------------------------------------------------------------- SFT corpora
@@ -252,8 +222,6 @@ def cache_folder(world: SyntheticWorld, cache_dir=None) -> pathlib.Path:
 
 def build_players(world: SyntheticWorld, progress: bool = True) -> tuple[Players, dict]:
     """SFT both players from random init; returns (Players, report)."""
-    from alignjax.worlds.synthetic import Player, Players
-
     cfg = world.cfg
     lm_cfg = world.lm_config()
     rng = np.random.default_rng(cfg.seed)
@@ -284,8 +252,6 @@ def build_players(world: SyntheticWorld, progress: bool = True) -> tuple[Players
 
 def load_or_build(world: SyntheticWorld, cache_dir=None, progress: bool = True) -> Players:
     """Load the cached players of this world config, building them first (under a file lock) if absent."""
-    from alignjax.worlds.synthetic import Player, Players
-
     folder = cache_folder(world, cache_dir)
     lock = filelock.FileLock(str(folder.parent / f"synthetic-{world.cfg.fingerprint()}.lock"))
     with lock:

@@ -67,7 +67,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-from typing import NamedTuple
 
 import chex
 import jax
@@ -78,6 +77,9 @@ from alignjax.models.config import LMConfig
 from alignjax.sampling import SamplingConfig, sample
 from alignjax.worlds import grammar as G
 from alignjax.worlds import judge as J
+from alignjax.worlds import players as players_lib
+from alignjax.worlds.base import Players
+from alignjax.worlds.tokenizer import build_tokenizer
 
 SPLITS = ("train", "heldout_framings", "heldout_topics", "benign", "all")
 
@@ -174,16 +176,6 @@ CACHE_VERSION = 2  # 2: SFT by alignjax.rl.sft (was the world's own loop)
 JUDGE_FIELDS = ("judge_logit", "judge_noise", "judge_reads", "helpfulness_weight", "attacker_reward")
 
 
-class Player(NamedTuple):
-    params: dict
-    config: LMConfig
-
-
-class Players(NamedTuple):
-    attacker: Player
-    defender: Player
-
-
 @jax.jit
 def _template_fill(prefix: jax.Array, suffix: jax.Array, drop: jax.Array, tokens, mask):
     """Left-padded `prefix + real tokens of x + suffix`, [B, len(prefix) + P + len(suffix)].
@@ -215,10 +207,7 @@ class SyntheticWorld:
 
     def __init__(self, cfg: WorldConfig | None = None):
         self.cfg = cfg = cfg or WorldConfig()
-        from alignjax.worlds import players as P  # local: players imports this module's types
-
-        self._players_mod = P
-        self.tokenizer = P.build_tokenizer(G.vocabulary())
+        self.tokenizer = build_tokenizer(G.vocabulary())
         self.vocab = self.tokenizer.get_vocab()
         self.vocab_size = self.tokenizer.get_vocab_size()
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = G.PAD_ID, G.BOS_ID, G.EOS_ID, G.UNK_ID
@@ -268,6 +257,11 @@ class SyntheticWorld:
         self.refusal_opener_ids = ids(G.REFUSAL_OPENERS)
         self.compliance_opener_ids = ids(G.COMPLIANCE_OPENERS)
         self.judge = J.make_judge(self.tables, cfg.judge_logit, cfg.judge_noise, cfg.seed, cfg.judge_reads)
+        # the game's referee: the same judge with the tables as an argument (they travel in the consts)
+        self.referee = functools.partial(
+            J.referee, judge_logit=cfg.judge_logit, judge_noise=cfg.judge_noise, seed=cfg.seed,
+            reads=cfg.judge_reads, helpfulness_weight=cfg.helpfulness_weight,
+            zero_sum=cfg.attacker_reward == "zero_sum")
         self.templates = {"defender": G.DEFENDER_TEMPLATE, "attacker": G.ATTACKER_TEMPLATE}
         self._tmpl = {}
         for name, text in self.templates.items():
@@ -343,6 +337,12 @@ class SyntheticWorld:
     def prompt_labels(self, tokens, mask):
         return J.prompt_labels(self.tables, tokens, mask)
 
+    def class_p_unsafe(self, tokens, mask, compliant):
+        """[B] the judge's P(unsafe) for prompts (in any template) answered by a response of class
+        `compliant` [B] bool (the judge reads y only through its class)."""
+        c = self.cfg
+        return J.p_unsafe_of_class(self.tables, tokens, mask, compliant, c.judge_logit, c.judge_noise, c.seed)
+
     def is_compliant(self, tokens, mask):
         """[B] bool: the judge's reading of responses [B, N] (see WorldConfig.judge_reads)."""
         return J.is_compliant(self.tables, tokens, mask, self.cfg.judge_reads)
@@ -395,11 +395,11 @@ class SyntheticWorld:
         )
 
     def tokenizer_dir(self, cache_dir=None):
-        return self._players_mod.cache_folder(self, cache_dir) / "tokenizer"
+        return players_lib.cache_folder(self, cache_dir) / "tokenizer"
 
     def initial_players(self, cache_dir=None, progress: bool = True) -> Players:
         """The SFT'd (attacker, defender), loaded from `<cache_dir>/synthetic-<fingerprint>/` or built
         there (under a file lock) on first use. cache_dir default: $ALIGNJAX_CACHE_DIR or <repo>/cache."""
         if self._players is None:
-            self._players = self._players_mod.load_or_build(self, cache_dir, progress=progress)
+            self._players = players_lib.load_or_build(self, cache_dir, progress=progress)
         return self._players

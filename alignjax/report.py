@@ -1,0 +1,122 @@
+"""Run-level reporting, shared by every setting: results.json / results.md, PNG plots, HF export.
+
+    write_results(run_dir, results, markdown)   results.json (the dict) and results.md (the setting's
+                                                 tables), side by side in the run folder
+    make_plots(run_dir, cfg)                     plots/*.png from metrics.jsonl (stages shaded)
+    export_players(run_dir, state, spec, tok)    export/{defender,attacker}: HF causal-LM folders
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import jax
+import numpy as np
+
+from alignjax.game import schedule as sched
+from alignjax.game.loop import read_metrics
+from alignjax.models.hf_io import save_pretrained
+
+
+def json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def write_results(run_dir: pathlib.Path, results: dict, markdown: str) -> pathlib.Path:
+    """results.json and results.md in the run folder; returns the Markdown's path."""
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=json_default))
+    (run_dir / "results.md").write_text(markdown)
+    return run_dir / "results.md"
+
+
+def make_plots(run_dir: pathlib.Path, cfg) -> list[pathlib.Path]:
+    """PNG plots from metrics.jsonl: rewards, attack success, diversity, KL, exploitability (with
+    the defend / attack stages shaded)."""
+    import matplotlib  # here, not at import: choosing the file-only backend is this function's business
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "stage" in r]
+    evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+    if not steps:
+        return []
+    out_dir = run_dir / "plots"
+    out_dir.mkdir(exist_ok=True)
+    t = np.array([r["step"] for r in steps])
+
+    def series(key, recs=steps):
+        return np.array([r.get(key, np.nan) for r in recs], float)
+
+    def shade(ax):
+        for start, end, stage in sched.stage_boundaries(cfg.loop.total_steps, cfg.game.schedule):
+            if stage == sched.ATTACK:
+                ax.axvspan(start, end, color="tab:red", alpha=0.08, lw=0)
+
+    panels = {
+        "rewards.png": ("rewards (red band: attack stage)", ["defender/score", "attacker/reward"]),
+        "attack_success.png": ("attack success on the training batch",
+                               ["attack_success", "attack_success_harmful", "defender/benign_refusal"]),
+        "diversity.png": ("attacker similarity to its history (lower = more diverse)",
+                          ["attacker/selfbleu_to_history", "attacker/cosine_to_history"]),
+        "kl.png": ("KL to the reference (sum over tokens)", ["defender/ppo/kl_ref", "attacker/ppo/kl_ref"]),
+    }
+    paths = []
+    for fname, (title, keys) in panels.items():
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for k in keys:
+            y = series(k)
+            if np.isfinite(y).any():  # NaN (not measured in that stage) breaks the line
+                ax.plot(t, y, ".-", ms=2, lw=1, label=k)
+        shade(ax)
+        ax.set_xlabel("game step")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / fname, dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / fname)
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        te = np.array([r["step"] + 1 for r in evals])
+        for k in ("eval/best_response_asr", "eval/fraction_exploitable", "eval/asr_train",
+                  "eval/asr_heldout_framings", "eval/over_refusal"):
+            y = series(k, evals)
+            if np.isfinite(y).any():
+                ax.plot(te, y, "o-", ms=3, lw=1, label=k)
+        shade(ax)
+        ax.set_xlabel("game step")
+        ax.set_title("defender exploitability and attack success (exact)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "exploitability.png", dpi=110)
+        plt.close(fig)
+        paths.append(out_dir / "exploitability.png")
+    return paths
+
+
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+})
+
+
+def export_players(run_dir: pathlib.Path, state, spec, tokenizer_dir=None) -> dict:
+    """Final policies as HF causal-LM folders (+ the tokenizer files) under run_dir/export/."""
+    paths = {}
+    for name, params, lm in (("defender", state.defender.policy_params, spec.defender.models.policy_config),
+                             ("attacker", state.attacker.policy_params, spec.attacker.models.policy_config)):
+        out = save_pretrained(jax.tree.map(np.asarray, params), lm, run_dir / "export" / name)
+        if tokenizer_dir is not None and pathlib.Path(tokenizer_dir).exists():
+            # only the tokenizer's files: the real setting's tokenizer folder is the defender's checkpoint,
+            # whose weights and config.json would otherwise overwrite the exported policy
+            for f in pathlib.Path(tokenizer_dir).iterdir():
+                if f.is_file() and f.name in TOKENIZER_FILES:
+                    shutil.copy(f, out / f.name)
+        paths[name] = str(out)
+    return paths

@@ -1,0 +1,223 @@
+"""The real setting: HF checkpoints as players, a Llama-Guard-style LM judge as referee (spec section 5).
+
+    build     players and judge from local HF folders (no hub), the seed prompts from a text file (one
+              per line) or the authors' JSON format (`worlds.real_data`), MiniLM (or bag-of-words)
+              embedder; the judge's weights travel in the consts
+    evaluate  the defender's attack success on the first `eval.real_prompts` seeds asked directly,
+              and on the attacker's rewrites of them (one sampled answer each, judged), plus the
+              rewrites' Self-BLEU diversity
+    progress  the same two attack success rates (eval/* in metrics.jsonl)
+
+Where the judge's tokenizer differs from the players', prompts and responses are re-tokenised on the
+host through `jax.pure_callback` (rewards.lm_judge.retokenizing_judge), inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import pathlib
+import warnings
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from alignjax.eval.diversity import selfbleu_diversity
+from alignjax.game import keys
+from alignjax.game import schedule as sched
+from alignjax.game.state import init_game_state
+from alignjax.game.step import GameConsts, GameSpec, Role, clean_prompts, play
+from alignjax.models import heads
+from alignjax.models.hf_io import load_pretrained
+from alignjax.rewards import history as hist
+from alignjax.rewards.embedding import make_embedder
+from alignjax.rewards.judge import scores_from_judge
+from alignjax.rewards.lm_judge import JudgeTemplate, answer_token_id, load_lm_judge, retokenizing_judge
+from alignjax.rewards.reward_model import load_reward_model
+from alignjax.rl.experience import LlamaPlayerModels
+from alignjax.rl.state import make_player_state
+from alignjax.settings.base import Built, check_paths, common_paths, unsupported_options
+from alignjax.text.templates import ATTACKER_TEMPLATE, DEFENDER_TEMPLATE, TokenTemplate
+from alignjax.text.tokenizer import load_tokenizer
+from alignjax.worlds.real_data import load_seed_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class RealConfig:
+    """Paths of the real-model setting (spec section 5). Every path is checked before the run."""
+
+    judge: str = ""  # Llama Guard (v1) HF folder
+    seed_prompts: str = ""  # text file, one seed question per line, or the authors' JSON format (.json)
+    tokenizer: str = ""  # the players' tokenizer folder ("" = the defender checkpoint's)
+    max_prompt_tokens: int = 2048
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+
+
+class RealSetting:
+    name = "real"
+    # options of the synthetic world only
+    UNSUPPORTED = ("world.", "data", "eval.attacker_samples_per_seed", "cache_dir")
+
+    def check(self, cfg) -> None:
+        unsupported_options(cfg, type(cfg)(), self.UNSUPPORTED, self.name)
+        lm = "an HF Llama-architecture causal-LM folder"
+        check_paths(common_paths(cfg) + [
+            ("defender.checkpoint", cfg.defender.checkpoint, lm, True),
+            ("attacker.checkpoint", cfg.attacker.checkpoint, lm, True),
+            ("real.judge", cfg.real.judge, "a Llama Guard HF folder", True),
+            ("real.seed_prompts", cfg.real.seed_prompts,
+             "a text file of seed questions, one per line, or the authors' JSON", True),
+            ("real.tokenizer", cfg.real.tokenizer, "a tokenizer folder", False),
+            ("defender.critic_checkpoint", cfg.defender.critic_checkpoint, "a reward-model folder", False),
+            ("attacker.critic_checkpoint", cfg.attacker.critic_checkpoint, "a reward-model folder", False)])
+
+    def build(self, cfg, progress: bool = True, axis_name="data") -> Built:
+        dtype = jnp.bfloat16 if cfg.real.dtype == "bfloat16" else jnp.float32
+        if dtype == jnp.bfloat16:
+            # Params, and so the Adam updates, live in bf16 (no float32 master copy yet): an update smaller
+            # than bf16's resolution (~8e-3 relative) is rounded away, so at the spec's learning rates
+            # (5e-7 to 3e-6) almost no weight changes. Said loudly rather than left to be discovered.
+            warnings.warn(
+                "real.dtype=bfloat16 stores params and optimizer updates in bf16 without float32 master "
+                "weights: at learning rates ~1e-6 almost no weight changes. Use real.dtype=float32 to train.",
+                stacklevel=2,
+            )
+        tqdm.write("[alignjax] loading the players, the judge and the embedder")
+        d = load_pretrained(cfg.defender.checkpoint, dtype)
+        a = load_pretrained(cfg.attacker.checkpoint, dtype)
+        tok = load_tokenizer(cfg.real.tokenizer or cfg.defender.checkpoint)
+        eos = tok.eos_id if tok.eos_id is not None else d.config.eos_token_id
+        pad = tok.pad_id if tok.pad_id is not None else (d.config.pad_token_id or 0)
+        if tok.pad_id is None:
+            tok.pad_id = pad
+        d_tpl = TokenTemplate.from_string(DEFENDER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+        a_tpl = TokenTemplate.from_string(ATTACKER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+        judge, referee = _judge_and_referee(cfg, tok, dtype)
+        g = cfg.game
+        embed, embed_params, embed_dim = (None, None, 1)
+        if g.needs_embedder:
+            decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)
+            embed, embed_params, embed_dim = make_embedder(cfg.embedder, tok.vocab_size, decode,
+                                                           keys.embedder_key(cfg.seed))
+        spec = GameSpec(cfg=g, defender=Role(LlamaPlayerModels(d.config), d_tpl.fill),
+                        attacker=Role(LlamaPlayerModels(a.config), a_tpl.fill), referee=referee,
+                        eos_id=int(eos), pad_id=int(pad), embed=embed, embed_dim=embed_dim,
+                        axis_name=axis_name)
+        k = keys.init_keys(cfg.seed)
+
+        def critic(player, params, lm, key):
+            if player.critic_checkpoint:
+                return load_reward_model(player.critic_checkpoint, dtype).params
+            # the head in the backbone's dtype: optax's injected hyperparameters take the params' common
+            # dtype, and a bf16 backbone with an f32 head would turn the bf16 Adam moments into f32
+            return heads.init_critic(lm, key, params, dtype)
+
+        defender = make_player_state(d.params, critic(cfg.defender, d.params, d.config, k.defender_critic),
+                                     cfg.defender.policy_optimizer, cfg.defender.critic_optimizer)
+        attacker = make_player_state(a.params, critic(cfg.attacker, a.params, a.config, k.attacker_critic),
+                                     cfg.attacker.policy_optimizer, cfg.attacker.critic_optimizer)
+        history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, pad)
+        state = init_game_state(defender, attacker, d.params, a.params, history, keys.run_key(cfg.seed))
+        lines = read_seed_lines(cfg.real.seed_prompts)
+        if len(lines) < g.batch_size:
+            raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts "
+                             f"< game.batch_size={g.batch_size}")
+        seeds, seeds_mask = tok.pad_batch(tok.encode_batch(lines), max_len=cfg.real.max_prompt_tokens,
+                                          side="left", truncation="left")
+        consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), judge, embed_params)
+        tok_dir = cfg.real.tokenizer or cfg.defender.checkpoint
+        return Built(spec, state, consts, tok, tok_dir)
+
+    def evaluate(self, built: Built, defender_params, attacker_params, key, cfg) -> dict:
+        return evaluate_real(built, defender_params, attacker_params, key, cfg.eval.real_prompts)
+
+    def extra(self, built: Built, final_state, key, cfg) -> dict:
+        return {}
+
+    def progress(self, built: Built, state, cfg) -> dict:
+        r = self.evaluate(built, state.defender.policy_params, state.attacker.policy_params,
+                          keys.eval_key(cfg.eval.seed), cfg)
+        return {"eval/defender_asr": r["defender_attack_success"],
+                "eval/attacker_asr": r["attacker_attack_success"]}
+
+    def report(self, name: str, cfg, results: dict) -> str:
+        initial, final, n = results["initial"], results["final"], results["initial"]["n"]
+        fmt = lambda v: "nan" if v != v else f"{v:.3f}"
+        lines = [f"# Results: {name}", "", f"{n} seed prompts; one sampled answer each, judged.", "",
+                 "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | "
+                 "attacker diversity |", "|---|---|---|---|"]
+        for label, r in (("initial", initial), ("final", final)):
+            cells = (r["defender_attack_success"], r["attacker_attack_success"],
+                     r.get("attacker_diversity", float("nan")))
+            lines.append(f"| {label} | " + " | ".join(fmt(v) for v in cells) + " |")
+        lines += ["", "## Timing", ""]
+        lines += [f"- {k}: {v:.1f} s" for k, v in results.get("timing", {}).items()]
+        return "\n".join(lines) + "\n"
+
+
+def read_seed_lines(path) -> list[str]:
+    """Seed questions from a .json file in the authors' format (`worlds.real_data`) or a text file with
+    one question per line (blank lines skipped)."""
+    path = pathlib.Path(path)
+    if path.suffix == ".json":
+        return load_seed_prompts(path)
+    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _judge_and_referee(cfg, tok, dtype):
+    """(judge params for the consts, referee(judge, x, xm, y, ym) -> Scores) of the LM judge."""
+    judge_tok = load_tokenizer(cfg.real.judge)
+    template = JudgeTemplate.from_text(judge_tok.backend, bos_id=judge_tok.bos_id)
+    judge = load_lm_judge(cfg.real.judge, template, answer_token_id(judge_tok.backend, "safe"),
+                          answer_token_id(judge_tok.backend, "unsafe"), dtype,
+                          pad_id=judge_tok.pad_id if judge_tok.pad_id is not None else 0)
+    g = cfg.game
+    if judge_tok.backend.get_vocab() == tok.backend.get_vocab():
+        return judge, lambda j, *xy: scores_from_judge(j(*xy))
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)
+    encode = lambda text: judge_tok.encode(text)
+    # worst case: one judge token per character of the decoded text
+    plen, rlen = 4 * g.attacker_sampling.max_new_tokens, 4 * g.defender_sampling.max_new_tokens
+
+    def referee(j, *xy):
+        return scores_from_judge(retokenizing_judge(j, decode, encode, plen, rlen, j.pad_id)(*xy))
+
+    return judge, referee
+
+
+# spec static (hashable, compared by value): the final evaluation reuses the initial one's executables
+_play_jit = jax.jit(play, static_argnums=0)
+
+
+def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -> dict:
+    """Attack success of the defender on the first n seed prompts (asked directly) and of the
+    attacker's rewrites of them (one sampled answer each, judged), plus the rewrites' diversity."""
+    spec = dataclasses.replace(built.spec, axis_name=None)
+    direct = dataclasses.replace(spec, cfg=dataclasses.replace(
+        spec.cfg, prompt_source="seeds", schedule=sched.ScheduleConfig(mode="defend_only")))
+    state = built.state._replace(
+        defender=built.state.defender.replace(policy_params=defender_params),
+        attacker=built.state.attacker.replace(policy_params=attacker_params))
+    n = min(n, built.consts.seed_tokens.shape[0])
+    bsz = spec.cfg.batch_size
+    out = {"defender_asr": [], "attacker_asr": [], "prompts": [], "lengths": []}
+    for name, sp in (("defender_asr", direct), ("attacker_asr", spec)):
+        fn = functools.partial(_play_jit, sp)
+        for start in range(0, n, bsz):
+            idx = np.minimum(np.arange(start, start + bsz), n - 1)
+            batch = (built.consts.seed_tokens[idx], built.consts.seed_mask[idx])
+            ep = fn(state, batch, jax.random.fold_in(key, start), built.consts)
+            k = min(bsz, n - start)
+            out[name].append(np.asarray(ep.scores.judge.unsafe, np.float32)[:k])
+            if name == "attacker_asr":
+                out["prompts"].append(np.asarray(clean_prompts(ep, spec.pad_id))[:k])
+                out["lengths"].append(np.asarray(ep.prompt_lengths)[:k])
+    res = {"defender_attack_success": float(np.mean(np.concatenate(out["defender_asr"]))),
+           "attacker_attack_success": float(np.mean(np.concatenate(out["attacker_asr"]))), "n": n}
+    lengths = np.concatenate(out["lengths"])
+    if n >= 2 and lengths.max() > 0:
+        res["attacker_diversity"] = selfbleu_diversity(np.concatenate(out["prompts"]), lengths)
+    return res
