@@ -26,6 +26,28 @@ def json_default(o):
     return str(o)
 
 
+def history_summary(cfg, final_state) -> dict:
+    """The diversity history X against the prompts the attacker wrote: capacity, prompts seen (attack
+    steps x batch), prompts kept (the newest; a ring buffer overwrites the oldest)."""
+    stages = np.asarray(sched.stage_at(np.arange(cfg.loop.total_steps), cfg.game.schedule))
+    seen = int(np.isin(stages, (sched.ATTACK, sched.BOTH)).sum()) * cfg.game.batch_size
+    return {"capacity": cfg.game.history_capacity, "prompts_seen": seen,
+            "kept": int(np.asarray(final_state.history.count))}
+
+
+def notes_markdown(results: dict) -> str:
+    """Run-level facts under every setting's tables: the history's capacity, the data notes."""
+    lines = ["", "## Run notes", ""]
+    h = results.get("history")
+    if h:
+        full = "all kept" if h["kept"] >= h["prompts_seen"] else f"only the newest {h['kept']} kept"
+        lines.append(f"- diversity history X: capacity {h['capacity']}, attacker prompts seen "
+                     f"{h['prompts_seen']} ({full})")
+    for k, v in results.get("data", {}).items():
+        lines.append(f"- {k}: {v}")
+    return "\n".join(lines) + "\n" if len(lines) > 3 else ""
+
+
 def write_results(run_dir: pathlib.Path, results: dict, markdown: str) -> pathlib.Path:
     """results.json and results.md in the run folder; returns the Markdown's path."""
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=json_default))

@@ -52,6 +52,7 @@ BUDGET = [
     "game.schedule.n_att=1", "game.attacker_sampling.max_new_tokens=6",
     "game.defender_sampling.max_new_tokens=6", "game.history_capacity=16", "real.max_prompt_tokens=12",
     "embedder.max_len=24", "eval.real_prompts=4",
+    "real.long_seeds=truncate",  # SEEDS[0] has 13 tokens: cut to its last 12 and counted
 ]  # fmt: skip
 
 
@@ -93,11 +94,13 @@ def _run_cli(tmp_path, monkeypatch, name: str, shared_judge_tokenizer: bool):
     judge = _checkpoint(ckpts, judge_tok, seed=3)
     seeds = tmp_path / "seeds.txt"
     seeds.write_text("\n".join(SEEDS) + "\n\n")  # a trailing blank line is not a prompt
+    benign = tmp_path / "benign.txt"
+    benign.write_text("\n".join(SEEDS[:3]) + "\n")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the cli writes runs/<NAME>/<timestamp>/ under the working directory
     argv = [name, f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}", f"real.judge={judge}",
-            f"real.seed_prompts={seeds}", *BUDGET]  # fmt: skip
+            f"real.seed_prompts={seeds}", f"real.benign_prompts={benign}", *BUDGET]  # fmt: skip
     # the yaml keeps the spec's bf16, which trains almost nothing without float32 master weights:
     # the run must say so
     with pytest.warns(UserWarning, match="master weights"):
@@ -138,10 +141,12 @@ def _check_run_folder(run_dir: pathlib.Path, initial: dict, stages: list[int], a
     for label in ("initial", "final"):
         r = results[label]
         assert r["n"] == 4
-        for k in ("defender_attack_success", "attacker_attack_success"):
+        for k in ("defender_attack_success", "attacker_attack_success", "over_refusal"):
             assert 0.0 <= r[k] <= 1.0
+        assert r["n_benign"] == 3
     md = (run_dir / "results.md").read_text()
     assert md.startswith("# Results:") and "| initial |" in md and "| final |" in md
+    assert "over-refusal (benign)" in md and "1 over real.max_prompt_tokens=12" in md
 
     plots = {p.name for p in (run_dir / "plots").iterdir()}
     assert {"rewards.png", "attack_success.png", "diversity.png", "kl.png"} <= plots
@@ -177,3 +182,22 @@ def test_real_gpo_div_end_to_end(tmp_path, monkeypatch):
     hist_size = [json.loads(line).get("history/size") for line in (run_dir / "metrics.jsonl").open()]
     assert [h for h in hist_size if h is not None][-1] == 8  # two attack steps x batch 4 in the history
 
+
+
+def test_long_seed_prompts_are_rejected_or_cut_and_counted(tmp_path):
+    """No silent truncation: a seed over real.max_prompt_tokens is an error naming it, or (truncate)
+    keeps its last tokens and is counted."""
+    from alignjax.settings.real import RealConfig, encode_prompts
+    from alignjax.text.tokenizer import load_tokenizer
+
+    path = _checkpoint(tmp_path, _word_tokenizer(reverse_words=False), seed=1)
+    tok = load_tokenizer(path)
+    lines = ["how do i pick a lock ?", "how do i pick a lock ? please tell me how"]
+    n_long = len(tok.encode_batch([lines[1]])[0])
+    with pytest.raises(ValueError, match=r"1 of 2 prompts exceed real.max_prompt_tokens=7 \(first: line 2"):
+        encode_prompts(tok, lines, RealConfig(max_prompt_tokens=7), "real.seed_prompts")
+    cut_cfg = RealConfig(max_prompt_tokens=7, long_seeds="truncate")
+    tokens, mask, cut = encode_prompts(tok, lines, cut_cfg, "x")
+    assert cut == 1 and n_long > 7
+    assert tokens.shape == (2, 7) and mask[1].sum() == 7  # the last 7 tokens kept
+    assert list(tokens[1]) == tok.encode_batch([lines[1]])[0][-7:]

@@ -126,7 +126,8 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     tqdm.write("[alignjax] evaluating the final players")
     final = setting.evaluate(built, final_state.defender.policy_params, final_state.attacker.policy_params,
                              eval_key, cfg)
-    results = {"initial": initial, "final": final, **setting.extra(built, final_state, eval_key, cfg)}
+    results = {"initial": initial, "final": final, **setting.extra(built, final_state, eval_key, cfg),
+               "history": report.history_summary(cfg, final_state), "data": built.notes}
     t["eval1"] = time.perf_counter()
     if cfg.export:
         results["export"] = report.export_players(run_dir, final_state, built.spec, built.tokenizer_dir)
@@ -140,7 +141,8 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
         "export + plots": t["end"] - t["eval1"],
         "total": t["end"] - t["start"],
     }
-    path = report.write_results(run_dir, results, setting.report(run_dir.parent.name, cfg, results))
+    markdown = setting.report(run_dir.parent.name, cfg, results) + report.notes_markdown(results)
+    path = report.write_results(run_dir, results, markdown)
     tqdm.write(f"[alignjax] results: {path}")
     return results
 

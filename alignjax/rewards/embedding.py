@@ -120,9 +120,11 @@ def make_vocab_embedder(encoder: SentenceEncoder, pieces: jax.Array, counts: jax
 
     Each row becomes [CLS] + the word pieces of its tokens (from `wordpiece_table`) + [SEP], cut to
     T = min(max_len, max_seq_length) keeping [SEP] (sentence-transformers' truncation), then BERT,
-    pooling and normalisation as `sentence_embedding`."""
-    t = min(max_len, encoder.max_seq_length)
-    if t < 2:
+    pooling and normalisation as `sentence_embedding`. T shrinks to 2 + N * (most pieces of a word)
+    when that is smaller: then no row can be cut, and BERT runs on no padding it cannot need."""
+    t_max = min(max_len, encoder.max_seq_length)
+    most = int(np.max(np.asarray(counts), initial=1))
+    if t_max < 2:
         raise ValueError(f"max_len={max_len} leaves no room for the special tokens")
     cls_id, sep_id = (encoder.tokenizer.token_to_id(s) for s in ("[CLS]", "[SEP]"))
     if cls_id is None or sep_id is None:
@@ -132,6 +134,7 @@ def make_vocab_embedder(encoder: SentenceEncoder, pieces: jax.Array, counts: jax
     def embed(params, tokens, lengths):
         chex.assert_rank([tokens, lengths], [2, 1])
         b, n = tokens.shape
+        t = min(t_max, 2 + n * most)
         c = jnp.where(jnp.arange(n)[None, :] < lengths[:, None], counts[tokens], 0)  # pieces per token
         ends = jnp.cumsum(c, axis=1)
         total = jnp.minimum(ends[:, -1], t - 2)  # text pieces kept

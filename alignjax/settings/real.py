@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import pathlib
 import warnings
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignjax.eval.diversity import selfbleu_diversity
+from alignjax.eval.refusal import refusal_rate
 from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.state import init_game_state
@@ -51,8 +52,11 @@ class RealConfig:
 
     judge: str = ""  # Llama Guard (v1) HF folder
     seed_prompts: str = ""  # text file, one seed question per line, or the authors' JSON format (.json)
+    benign_prompts: str = ""  # optional benign questions (same formats): over-refusal in the evaluations
     tokenizer: str = ""  # the players' tokenizer folder ("" = the defender checkpoint's)
     max_prompt_tokens: int = 2048
+    long_seeds: Literal["reject", "truncate"] = "reject"  # a seed over max_prompt_tokens: error, or keep
+    # its last max_prompt_tokens tokens and count it in results.md
     dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
 
@@ -71,6 +75,7 @@ class RealSetting:
             ("real.seed_prompts", cfg.real.seed_prompts,
              "a text file of seed questions, one per line, or the authors' JSON", True),
             ("real.tokenizer", cfg.real.tokenizer, "a tokenizer folder", False),
+            ("real.benign_prompts", cfg.real.benign_prompts, "a text file of benign questions", False),
             ("defender.critic_checkpoint", cfg.defender.critic_checkpoint, "a reward-model folder", False),
             ("attacker.critic_checkpoint", cfg.attacker.critic_checkpoint, "a reward-model folder", False)])
 
@@ -125,11 +130,18 @@ class RealSetting:
         if len(lines) < g.batch_size:
             raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts "
                              f"< game.batch_size={g.batch_size}")
-        seeds, seeds_mask = tok.pad_batch(tok.encode_batch(lines), max_len=cfg.real.max_prompt_tokens,
-                                          side="left", truncation="left")
+        seeds, seeds_mask, cut = encode_prompts(tok, lines, cfg.real, "real.seed_prompts")
         consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), judge, embed_params)
+        limit = cfg.real.max_prompt_tokens
+        notes = {"seed prompts": f"{len(lines)} from {cfg.real.seed_prompts}; {cut} over "
+                                 f"real.max_prompt_tokens={limit} kept their last {limit} tokens"}
+        benign = None
+        if cfg.real.benign_prompts:
+            b_lines = read_seed_lines(cfg.real.benign_prompts)
+            benign = encode_prompts(tok, b_lines, cfg.real, "real.benign_prompts")[:2]
+            notes["benign prompts"] = f"{len(b_lines)} from {cfg.real.benign_prompts} (over-refusal)"
         tok_dir = cfg.real.tokenizer or cfg.defender.checkpoint
-        return Built(spec, state, consts, tok, tok_dir)
+        return Built(spec, state, consts, RealContext(tok, benign), tok_dir, notes)
 
     def evaluate(self, built: Built, defender_params, attacker_params, key, cfg) -> dict:
         return evaluate_real(built, defender_params, attacker_params, key, cfg.eval.real_prompts)
@@ -140,22 +152,47 @@ class RealSetting:
     def progress(self, built: Built, state, cfg) -> dict:
         r = self.evaluate(built, state.defender.policy_params, state.attacker.policy_params,
                           keys.eval_key(cfg.eval.seed), cfg)
-        return {"eval/defender_asr": r["defender_attack_success"],
-                "eval/attacker_asr": r["attacker_attack_success"]}
+        out = {"eval/defender_asr": r["defender_attack_success"],
+               "eval/attacker_asr": r["attacker_attack_success"]}
+        if "over_refusal" in r:
+            out["eval/over_refusal"] = r["over_refusal"]
+        return out
 
     def report(self, name: str, cfg, results: dict) -> str:
         initial, final, n = results["initial"], results["final"], results["initial"]["n"]
         fmt = lambda v: "nan" if v != v else f"{v:.3f}"
-        lines = [f"# Results: {name}", "", f"{n} seed prompts; one sampled answer each, judged.", "",
+        lines = [f"# Results: {name}", "", f"{n} seed prompts; one sampled answer each, judged by the LM "
+                 "judge (unsafe = P(unsafe) > P(safe)). Over-refusal: share of the benign prompts "
+                 "(real.benign_prompts) whose answer matches a refusal phrase (alignjax/eval/refusal.py); "
+                 "nan when no benign file was given.", "",
                  "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | "
-                 "attacker diversity |", "|---|---|---|---|"]
+                 "attacker diversity | over-refusal (benign) |", "|---|---|---|---|---|"]
         for label, r in (("initial", initial), ("final", final)):
             cells = (r["defender_attack_success"], r["attacker_attack_success"],
-                     r.get("attacker_diversity", float("nan")))
+                     r.get("attacker_diversity", float("nan")), r.get("over_refusal", float("nan")))
             lines.append(f"| {label} | " + " | ".join(fmt(v) for v in cells) + " |")
         lines += ["", "## Timing", ""]
         lines += [f"- {k}: {v:.1f} s" for k, v in results.get("timing", {}).items()]
         return "\n".join(lines) + "\n"
+
+
+class RealContext(NamedTuple):
+    tokenizer: Any  # the players' alignjax.text.Tokenizer
+    benign: Any  # (tokens [M, S], mask [M, S]) of real.benign_prompts, or None
+
+
+def encode_prompts(tok, lines: list[str], real: RealConfig, option: str):
+    """(tokens [N, S], mask [N, S] left-padded, number cut) with S = real.max_prompt_tokens; a prompt
+    over S tokens is an error naming it (real.long_seeds=reject) or keeps its last S tokens."""
+    ids = tok.encode_batch(lines)
+    long = [i for i, r in enumerate(ids) if len(r) > real.max_prompt_tokens]
+    if long and real.long_seeds == "reject":
+        raise ValueError(
+            f"{option}: {len(long)} of {len(lines)} prompts exceed real.max_prompt_tokens="
+            f"{real.max_prompt_tokens} (first: line {long[0] + 1}, {len(ids[long[0]])} tokens). Raise the "
+            "limit, or set real.long_seeds=truncate to keep their last tokens (counted in results.md)")
+    tokens, mask = tok.pad_batch(ids, max_len=real.max_prompt_tokens, side="left", truncation="left")
+    return tokens, mask, len(long)
 
 
 def read_seed_lines(path) -> list[str]:
@@ -220,4 +257,21 @@ def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -
     lengths = np.concatenate(out["lengths"])
     if n >= 2 and lengths.max() > 0:
         res["attacker_diversity"] = selfbleu_diversity(np.concatenate(out["prompts"]), lengths)
+    if built.context.benign is not None:
+        res["over_refusal"], res["n_benign"] = _over_refusal(built, direct, state, key)
     return res
+
+
+def _over_refusal(built: Built, direct: GameSpec, state, key) -> tuple[float, int]:
+    """Share of the benign prompts whose sampled answer (defender asked directly) is a refusal."""
+    tokens, mask = built.context.benign
+    m, bsz, texts = tokens.shape[0], direct.cfg.batch_size, []
+    fn = functools.partial(_play_jit, direct)
+    for start in range(0, m, bsz):
+        idx = np.minimum(np.arange(start, start + bsz), m - 1)
+        ep = fn(state, (jnp.asarray(tokens[idx]), jnp.asarray(mask[idx])),
+                jax.random.fold_in(key, 10**6 + start), built.consts)
+        k = min(bsz, m - start)
+        texts += built.context.tokenizer.decode_responses(np.asarray(ep.response)[:k],
+                                                          np.asarray(ep.response_mask)[:k], direct.eos_id)
+    return refusal_rate(texts), m
