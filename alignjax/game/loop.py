@@ -182,24 +182,9 @@ def run_loop(
     """
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    n_dev = cfg.num_devices or jax.local_device_count()
-    devices = jax.local_devices()[:n_dev]
-    if len(devices) < n_dev:
-        raise ValueError(f"loop.num_devices={n_dev} but only {len(devices)} local devices")
-
+    devices = _devices(cfg)
     store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
-    init_state = to_host(init_state)
-    restored = store.restore(init_state)
-    if restored is None:
-        state, start = init_state, int(init_state.step)
-    else:
-        state, start = restored.tree, restored.step
-        for path in store.quarantine_after(start):
-            tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
-        if int(state.step) != start:
-            raise RuntimeError(f"checkpoint {start} in {store.directory} holds state.step={int(state.step)}")
-        tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
-
+    state, start = _restore_or_init(store, to_host(init_state))
     log = MetricLog(run_dir, start, cfg.tensorboard)
     consts = jax.tree.map(np.asarray, consts)
     bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
@@ -207,32 +192,15 @@ def run_loop(
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
-            # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
-            # cache on input shardings, so feeding back its own device outputs would compile the
-            # chunk a second time; the state is fetched to the host after every chunk anyway (save).
-            state_r, metrics = pmapped_chunk(step_fn, length, tuple(devices))(replicate(state, n_dev), consts)
-            if cfg.check_replicas and not all_equal_across_devices(state_r):
-                raise RuntimeError(
-                    f"game state diverged across devices in the chunk ending at step {start + length}"
-                )
-            metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
-            state = unreplicate(state_r)
-            seconds = time.perf_counter() - t0
-            start += length
-            records = [game_metrics.select({k: v[i] for k, v in metrics.items()}) for i in range(length)]
+            state, records = _run_chunk(step_fn, state, consts, length, devices, cfg.check_replicas)
+            seconds, start = time.perf_counter() - t0, start + length
             for record in records:
                 log.write(record | {"time/step_s": seconds / length})
-            for k, v in metrics.items():
-                if k.endswith("update_skipped") and np.nansum(v) > 0:
-                    bad = [int(s) for s, x in zip(metrics["step"], v, strict=True) if x > 0]
-                    tqdm.write(f"[alignjax] warning: {k} at steps {bad}: a non-finite loss or gradient; "
-                               "that update was not applied (see the nonfinite/* metrics)")
             _stop_on_nonfinite(records, store)
-            if on_chunk_end is not None:
-                extra = on_chunk_end(start, state) or {}
-                if extra:
-                    _stop_on_nonfinite([{"step": start - 1} | extra], store)
-                    log.write({"step": start - 1} | extra)
+            extra = on_chunk_end(start, state) if on_chunk_end is not None else None
+            if extra:
+                _stop_on_nonfinite([{"step": start - 1} | extra], store)
+                log.write({"step": start - 1} | extra)
             log.flush()
             if before_save is not None:
                 before_save(start, state)
@@ -244,6 +212,43 @@ def run_loop(
         log.close()
         store.close()
     return state
+
+
+def _devices(cfg: LoopConfig) -> tuple:
+    n_dev = cfg.num_devices or jax.local_device_count()
+    devices = jax.local_devices()[:n_dev]
+    if len(devices) < n_dev:
+        raise ValueError(f"loop.num_devices={n_dev} but only {len(devices)} local devices")
+    return tuple(devices)
+
+
+def _restore_or_init(store: CheckpointStore, init_state) -> tuple[Any, int]:
+    """(state, step): the newest checkpoint that reads back cleanly (damaged later ones moved aside),
+    or the initial state."""
+    restored = store.restore(init_state)
+    if restored is None:
+        return init_state, int(init_state.step)
+    state, start = restored.tree, restored.step
+    for path in store.quarantine_after(start):
+        tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
+    if int(state.step) != start:
+        raise RuntimeError(f"checkpoint {start} in {store.directory} holds state.step={int(state.step)}")
+    tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
+    return state, start
+
+
+def _run_chunk(step_fn, state, consts, length: int, devices: tuple, check_replicas: bool):
+    """One pmapped chunk from a host state: (new host state, the steps' selected metric records)."""
+    # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
+    # cache on input shardings, so feeding back its own device outputs would compile the
+    # chunk a second time; the state is fetched to the host after every chunk anyway (save).
+    state_r, metrics = pmapped_chunk(step_fn, length, devices)(replicate(state, len(devices)), consts)
+    if check_replicas and not all_equal_across_devices(state_r):
+        raise RuntimeError(f"game state diverged across devices in the chunk ending at step "
+                           f"{int(np.asarray(state_r.step)[0])}")
+    metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
+    records = [game_metrics.select({k: v[i] for k, v in metrics.items()}) for i in range(length)]
+    return unreplicate(state_r), records
 
 
 def _postfix_keys(record: dict) -> list[str]:
