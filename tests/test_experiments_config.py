@@ -8,14 +8,14 @@ import pathlib
 import pytest
 import yaml
 
+from alignjax import experiment as E
 from alignjax.cli import EXPERIMENTS_DIR, load_experiment
 from alignjax.config import ConfigError
-from alignjax.game import experiment as E
 from alignjax.settings import RealSetting
 
 GAME_EXPERIMENTS = sorted(
     p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")
-    if yaml.safe_load(p.read_text()).get("runner") == "game.experiment"
+    if yaml.safe_load(p.read_text()).get("runner") == "experiment"
 )
 
 # baseline -> the fields (dotted) that define it, relative to experiments/default.yaml (GPO + Div)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from alignjax import experiment as E
 from alignjax.config import build_config
-from alignjax.game import experiment as E
 from alignjax.game import schedule as sched
 from alignjax.game.loop import NonFiniteMetricError, read_metrics, replicate, run_loop
 from alignjax.game.step import make_play_step, play

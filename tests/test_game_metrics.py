@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from test_game_resume import CFG, fake_init, fake_step
 
+from alignjax import experiment as E
 from alignjax.config import build_config
-from alignjax.game import experiment as E
 from alignjax.game import metrics as M
 from alignjax.game import schedule as sched
 from alignjax.game.loop import NonFiniteMetricError, _postfix_keys, run_loop

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from alignjax.game import experiment as E
+from alignjax import experiment as E
 from alignjax.settings import SETTINGS, get_setting, unsupported_options
 
 

@@ -4,7 +4,7 @@
 
 Each RUN_DIR is a run folder `runs/<NAME>/<timestamp>/` written by `make experiment`: its
 `config.yaml` gives the seed, its parent folder's name gives the experiment, and its `results.json`
-the initial and final players' evaluation (alignjax/game/experiment.py `run`; the keys come from
+the initial and final players' evaluation (alignjax/experiment.py `run`; the keys come from
 alignjax/eval/safety.py `evaluate_defender` and alignjax/eval/exploitability.py `exploitability`).
 Runs are grouped by experiment; runs of one experiment must share their config except for the seed.
 

@@ -2,7 +2,7 @@
 
     from alignjax.game import GameState, GameConfig, GameSpec, make_play_step, run_loop, LoopConfig
 
-The experiment runner (YAML `runner: game.experiment`) lives in `alignjax.game.experiment`.
+The experiment runner (YAML `runner: experiment`) is `alignjax.experiment`, above the settings.
 """
 
 from alignjax.game.loop import LoopConfig, read_metrics, run_loop

@@ -1,6 +1,6 @@
 """A setting is where a game is played: the synthetic world (offline default) or real HF models.
 
-Every setting offers the same four things to the runner (`alignjax.game.experiment.run`):
+Every setting offers the same four things to the runner (`alignjax.experiment.run`):
 
     check(cfg)                                   reject options this setting does not have
     build(cfg, progress) -> Built                the GameSpec, the GameState at step 0, the consts

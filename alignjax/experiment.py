@@ -1,4 +1,4 @@
-"""The GPO experiment runner (`runner: game.experiment` in experiments/*.yaml).
+"""The GPO experiment runner (`runner: experiment` in experiments/*.yaml).
 
     make experiment                        # experiments/default.yaml: synthetic world, GPO + Div
     make experiment NAME=rlhf ARGS="loop.total_steps=40"
