@@ -127,7 +127,8 @@ class MetricLog:
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step or None)
 
     def write(self, record: dict):
-        """Append one record of scalars; every value must be finite (the loop checks before)."""
+        """Append one record of scalars as written (the loop stops after writing a chunk whose
+        records hold a non-finite value; its checkpoint is not written, and a resume drops the lines)."""
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()
                   if np.ndim(v) == 0}
         self._file.write(json.dumps(record) + "\n")

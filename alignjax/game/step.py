@@ -182,13 +182,17 @@ def left_to_right(tokens: jax.Array, mask: jax.Array, pad_id: int) -> tuple[jax.
 
 
 def seeds_as_prompts(spec: GameSpec, seed_tokens, seed_mask) -> tuple[jax.Array, jax.Array]:
-    """x = s (no attacker): the seeds right-aligned-free, padded or cut to the prompt block width."""
-    x, x_mask = left_to_right(seed_tokens, seed_mask, spec.pad_id)
+    """x = s (no attacker): the left-padded seeds [B, S] right-aligned-free in the prompt block
+    [B, prompt_len]; a seed longer than the block keeps its last prompt_len tokens (the settings
+    reject or count such seeds before the game: settings/real.py `encode_prompts`)."""
     width = spec.prompt_len
+    if seed_tokens.shape[1] > width:
+        seed_tokens, seed_mask = seed_tokens[:, -width:], seed_mask[:, -width:]
+    x, x_mask = left_to_right(seed_tokens, seed_mask, spec.pad_id)
     if x.shape[1] < width:
         x = jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=spec.pad_id)
         x_mask = jnp.pad(x_mask, ((0, 0), (0, width - x_mask.shape[1])))
-    return x[:, :width], x_mask[:, :width]
+    return x, x_mask
 
 
 # ------------------------------------------------------------------------------------ rollout

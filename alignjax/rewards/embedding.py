@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax.models.bert import SentenceEncoder, load_sentence_encoder, pad_encodings, sentence_embedding
+from alignjax.rewards.history import length_mask
 
 
 def cosine_to_history(
@@ -135,7 +136,7 @@ def make_vocab_embedder(encoder: SentenceEncoder, pieces: jax.Array, counts: jax
         chex.assert_rank([tokens, lengths], [2, 1])
         b, n = tokens.shape
         t = min(t_max, 2 + n * most)
-        c = jnp.where(jnp.arange(n)[None, :] < lengths[:, None], counts[tokens], 0)  # pieces per token
+        c = counts[tokens] * length_mask(lengths, n)  # word pieces per real token
         ends = jnp.cumsum(c, axis=1)
         total = jnp.minimum(ends[:, -1], t - 2)  # text pieces kept
         slot = jnp.arange(t - 2)  # text slot j holds piece j of the row
@@ -146,7 +147,7 @@ def make_vocab_embedder(encoder: SentenceEncoder, pieces: jax.Array, counts: jax
         text = jnp.where(slot[None, :] < total[:, None], piece, 0)
         ids = jnp.concatenate([jnp.full((b, 1), cls_id), text, jnp.zeros((b, 1), jnp.int32)], axis=1)
         ids = ids.at[jnp.arange(b), total + 1].set(sep_id).astype(jnp.int32)
-        mask = (jnp.arange(t)[None, :] < (total + 2)[:, None]).astype(jnp.int32)
+        mask = length_mask(total + 2, t)
         chex.assert_shape([ids, mask], (b, t))
         return sentence_embedding(params, config, ids, mask, pooling, normalize)
 
@@ -179,7 +180,7 @@ def bow_embedder(vocab_size: int, dim: int, key: jax.Array):
     w = jax.random.normal(key, (vocab_size, dim), jnp.float32)
 
     def embed(params, tokens, lengths):
-        keep = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None]).astype(jnp.float32)
+        keep = length_mask(lengths, tokens.shape[1]).astype(jnp.float32)
         e = jnp.einsum("bl,bld->bd", keep, params[tokens])
         return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
 

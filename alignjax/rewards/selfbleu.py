@@ -48,6 +48,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from alignjax.rewards.history import length_mask
+
 FORMS = ("per_reference", "multi_reference")
 DEFAULT_ORDERS = (2, 3, 4, 5)
 EPSILON = 0.1  # NLTK SmoothingFunction().method1 default
@@ -205,7 +207,7 @@ def _build_tables(tokens, lengths, max_order, key_width) -> _HypTables:
 def _ref_key_ids(t: _HypTables, ref_tokens, ref_lengths):
     """Key ids [K, R, Lr] of history sentences (none where the key is absent from the new prompts)."""
     none = t.none
-    ok1 = jnp.arange(ref_tokens.shape[1])[None, :] < ref_lengths[:, None]
+    ok1 = length_mask(ref_lengths, ref_tokens.shape[1]).astype(bool)
     g1 = _lookup(t.unigram_sorted, jnp.where(ok1, ref_tokens, _INT_MAX), ok1, none)
 
     def key_ids(g, key_sorted):

@@ -130,16 +130,17 @@ class RealSetting:
         if len(lines) < g.batch_size:
             raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts "
                              f"< game.batch_size={g.batch_size}")
-        seeds, seeds_mask, cut = encode_prompts(tok, lines, cfg.real, "real.seed_prompts")
+        seeds, seeds_mask, cut = encode_prompts(tok, lines, cfg.real, "real.seed_prompts", spec.prompt_len)
         consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), judge, embed_params)
-        limit = cfg.real.max_prompt_tokens
-        notes = {"seed prompts": f"{len(lines)} from {cfg.real.seed_prompts}; {cut} over "
-                                 f"real.max_prompt_tokens={limit} kept their last {limit} tokens"}
+        limit = min(cfg.real.max_prompt_tokens, spec.prompt_len)
+        notes = {"seed prompts": f"{len(lines)} from {cfg.real.seed_prompts}; {cut} over {limit} tokens "
+                                 "kept their last tokens (real.long_seeds)"}
         benign = None
         if cfg.real.benign_prompts:
             b_lines = read_seed_lines(cfg.real.benign_prompts)
-            benign = encode_prompts(tok, b_lines, cfg.real, "real.benign_prompts")[:2]
-            notes["benign prompts"] = f"{len(b_lines)} from {cfg.real.benign_prompts} (over-refusal)"
+            *benign, b_cut = encode_prompts(tok, b_lines, cfg.real, "real.benign_prompts", spec.prompt_len)
+            notes["benign prompts"] = (f"{len(b_lines)} from {cfg.real.benign_prompts} (over-refusal); "
+                                       f"{b_cut} over {limit} tokens kept their last tokens")
         tok_dir = cfg.real.tokenizer or cfg.defender.checkpoint
         return Built(spec, state, consts, RealContext(tok, benign), tok_dir, notes)
 
@@ -181,16 +182,22 @@ class RealContext(NamedTuple):
     benign: Any  # (tokens [M, S], mask [M, S]) of real.benign_prompts, or None
 
 
-def encode_prompts(tok, lines: list[str], real: RealConfig, option: str):
-    """(tokens [N, S], mask [N, S] left-padded, number cut) with S = real.max_prompt_tokens; a prompt
-    over S tokens is an error naming it (real.long_seeds=reject) or keeps its last S tokens."""
+def encode_prompts(tok, lines: list[str], real: RealConfig, option: str, direct_limit: int):
+    """(tokens [N, S], mask [N, S] left-padded, number cut) with S = real.max_prompt_tokens.
+
+    A prompt over S tokens, or over `direct_limit` (the prompt block, game.attacker_sampling.
+    max_new_tokens: a seed asked directly, in RLHF and in every evaluation, must fit it) is an error
+    naming it (real.long_seeds=reject), or keeps its last tokens (truncate) and is counted."""
     ids = tok.encode_batch(lines)
-    long = [i for i, r in enumerate(ids) if len(r) > real.max_prompt_tokens]
+    limit = min(real.max_prompt_tokens, direct_limit)
+    long = [i for i, r in enumerate(ids) if len(r) > limit]
     if long and real.long_seeds == "reject":
         raise ValueError(
-            f"{option}: {len(long)} of {len(lines)} prompts exceed real.max_prompt_tokens="
-            f"{real.max_prompt_tokens} (first: line {long[0] + 1}, {len(ids[long[0]])} tokens). Raise the "
-            "limit, or set real.long_seeds=truncate to keep their last tokens (counted in results.md)")
+            f"{option}: {len(long)} of {len(lines)} prompts exceed {limit} tokens (real.max_prompt_tokens="
+            f"{real.max_prompt_tokens}; asked directly a prompt must also fit the prompt block, "
+            f"game.attacker_sampling.max_new_tokens={direct_limit}). First: prompt {long[0] + 1} in reading "
+            f"order, {len(ids[long[0]])} tokens. Raise the limits, or set real.long_seeds=truncate to keep "
+            "their last tokens (counted in results.md)")
     tokens, mask = tok.pad_batch(ids, max_len=real.max_prompt_tokens, side="left", truncation="left")
     return tokens, mask, len(long)
 
