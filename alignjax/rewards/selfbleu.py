@@ -309,27 +309,42 @@ def self_bleu(
         jnp.arange(n_chunks * chunk, dtype=jnp.int32).reshape(n_chunks, chunk),
     )
 
+    args = (tables, xs, lengths, exclude, orders, epsilon)
     if form == "per_reference":
-        # M[k, key, b] = 1 iff new sentence b holds key; row `none` stays 0 (absent keys match nothing).
-        cols = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
-        table = jax.vmap(lambda kid, ok: jnp.zeros((none + 1, b), jnp.float32).at[kid, cols].max(ok))(
-            tables.key_ids, tables.valid.astype(jnp.float32)
-        )  # [K, B*L + 1, B]
-        order_idx = jnp.arange(max_order)[:, None, None]
+        return _per_reference(*args)
+    return _multi_reference(*args, ref_tokens.astype(jnp.int32), ref_lengths, ref_mask)
 
-        def body(carry, x):
-            r_tok, r_len, r_ok, r_idx = x
-            kids = _ref_key_ids(tables, r_tok, r_len)  # [K, R, Lr]
-            clipped = jnp.sum(table[order_idx, kids], axis=2)  # [K, R, B]
-            bleu = _bleu_from_counts(clipped, lengths[None, :], r_len[:, None], orders, epsilon)  # [R, B]
-            pair = r_ok[:, None] & (r_idx[:, None] != exclude[None, :])
-            total, count = carry
-            return (total + jnp.sum(jnp.where(pair, bleu, 0.0), axis=0), count + jnp.sum(pair, axis=0)), None
 
-        init = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32))
-        (total, count), _ = jax.lax.scan(body, init, xs)
-        return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+def _per_reference(tables, xs, lengths, exclude, orders, epsilon) -> jax.Array:
+    """Mean over valid history entries of sentence-BLEU against each entry alone: [B]."""
+    b, length = tables.key_ids.shape[1:]
+    none, max_order = b * length, tables.key_ids.shape[0]
+    # M[k, key, b] = 1 iff new sentence b holds key; row `none` stays 0 (absent keys match nothing).
+    cols = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    table = jax.vmap(lambda kid, ok: jnp.zeros((none + 1, b), jnp.float32).at[kid, cols].max(ok))(
+        tables.key_ids, tables.valid.astype(jnp.float32)
+    )  # [K, B*L + 1, B]
+    order_idx = jnp.arange(max_order)[:, None, None]
 
+    def body(carry, x):
+        r_tok, r_len, r_ok, r_idx = x
+        kids = _ref_key_ids(tables, r_tok, r_len)  # [K, R, Lr]
+        clipped = jnp.sum(table[order_idx, kids], axis=2)  # [K, R, B]
+        bleu = _bleu_from_counts(clipped, lengths[None, :], r_len[:, None], orders, epsilon)  # [R, B]
+        pair = r_ok[:, None] & (r_idx[:, None] != exclude[None, :])
+        total, count = carry
+        return (total + jnp.sum(jnp.where(pair, bleu, 0.0), axis=0), count + jnp.sum(pair, axis=0)), None
+
+    init = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32))
+    (total, count), _ = jax.lax.scan(body, init, xs)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1), 0.0)
+
+
+def _multi_reference(tables, xs, lengths, exclude, orders, epsilon, ref_tokens, ref_lengths, ref_mask):
+    """Sentence-BLEU against all valid history entries at once (clipped counts over the set): [B]."""
+    b, length = tables.key_ids.shape[1:]
+    none, max_order = b * length, tables.key_ids.shape[0]
+    c, ref_width = ref_tokens.shape
     # multi_reference: count, for each key of the new prompts, the valid history entries holding it,
     # and track the closest history length per new sentence (ties -> shorter), encoded as one int.
     len_code = ref_width + 1
@@ -350,7 +365,7 @@ def self_bleu(
     # The left-out entry's own keys must not count: subtract them where that entry is valid.
     safe_ex = jnp.clip(exclude, 0, c - 1)
     ex_valid = (exclude >= 0) & (exclude < c) & ref_mask[safe_ex]  # out of range: nothing left out
-    ex_kids = _ref_key_ids(tables, ref_tokens[safe_ex].astype(jnp.int32), ref_lengths[safe_ex])  # [K, B, Lr]
+    ex_kids = _ref_key_ids(tables, ref_tokens[safe_ex], ref_lengths[safe_ex])  # [K, B, Lr]
     kid_h = tables.key_ids  # [K, B, L]
     in_ex = jnp.any(kid_h[..., None] == ex_kids[:, :, None, :], axis=-1) & ex_valid[None, :, None]
     held = jnp.take_along_axis(counts, kid_h.reshape(max_order, -1), axis=1).reshape(kid_h.shape)

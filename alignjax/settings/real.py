@@ -111,19 +111,7 @@ class RealSetting:
                         attacker=Role(LlamaPlayerModels(a.config), a_tpl.fill), referee=referee,
                         eos_id=int(eos), pad_id=int(pad), embed=embed, embed_dim=embed_dim,
                         axis_name=axis_name)
-        k = keys.init_keys(cfg.seed)
-
-        def critic(player, params, lm, key):
-            if player.critic_checkpoint:
-                return load_reward_model(player.critic_checkpoint, dtype).params
-            # the head in the backbone's dtype: optax's injected hyperparameters take the params' common
-            # dtype, and a bf16 backbone with an f32 head would turn the bf16 Adam moments into f32
-            return heads.init_critic(lm, key, params, dtype)
-
-        defender = make_player_state(d.params, critic(cfg.defender, d.params, d.config, k.defender_critic),
-                                     cfg.defender.policy_optimizer, cfg.defender.critic_optimizer)
-        attacker = make_player_state(a.params, critic(cfg.attacker, a.params, a.config, k.attacker_critic),
-                                     cfg.attacker.policy_optimizer, cfg.attacker.critic_optimizer)
+        defender, attacker = _player_states(cfg, d, a, dtype)
         history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, pad)
         state = init_game_state(defender, attacker, d.params, a.params, history, keys.run_key(cfg.seed))
         lines = read_seed_lines(cfg.real.seed_prompts)
@@ -175,6 +163,23 @@ class RealSetting:
         lines += ["", "## Timing", ""]
         lines += [f"- {k}: {v:.1f} s" for k, v in results.get("timing", {}).items()]
         return "\n".join(lines) + "\n"
+
+
+def _player_states(cfg, d, a, dtype):
+    """The players' PlayerStates: policies from the checkpoints, critics from a reward-model folder
+    (`<player>.critic_checkpoint`) or the policy's backbone with a fresh value head."""
+    k = keys.init_keys(cfg.seed)
+
+    def state(player, pre, key):
+        if player.critic_checkpoint:
+            critic = load_reward_model(player.critic_checkpoint, dtype).params
+        else:
+            # the head in the backbone's dtype: optax's injected hyperparameters take the params' common
+            # dtype, and a bf16 backbone with an f32 head would turn the bf16 Adam moments into f32
+            critic = heads.init_critic(pre.config, key, pre.params, dtype)
+        return make_player_state(pre.params, critic, player.policy_optimizer, player.critic_optimizer)
+
+    return state(cfg.defender, d, k.defender_critic), state(cfg.attacker, a, k.attacker_critic)
 
 
 class RealContext(NamedTuple):
