@@ -94,9 +94,7 @@ class KernelsTest(chex.TestCase):
         )
 
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters(
-        (False, True, 1e-8), (True, True, 1e-8), (False, False, 1e-8), (True, False, 0.5)
-    )
+    @parameterized.parameters((False, True, 1e-8), (True, True, 1e-8), (True, False, 0.5))
     def test_masked_statistics_match_numpy(self, unbiased, shift_mean, eps):
         x, _, mask = _random_batch(1)
         x = 3.0 * x + 1.5
@@ -105,16 +103,17 @@ class KernelsTest(chex.TestCase):
             fn(x, mask, unbiased, shift_mean, eps), _whiten_ref(x, mask, unbiased, shift_mean, eps), x.shape
         )
         # A bool mask counts the same; an all-masked input gives 0 statistics and 0 outputs; one element
-        # has variance 0 (unbiased: n - 1 = 0 is floored at 1).
+        # has variance 0 (unbiased: n - 1 = 0 is floored at 1); two elements.
         _check_stats(
             fn(x, mask > 0, unbiased, shift_mean, eps),
             _whiten_ref(x, mask, unbiased, shift_mean, eps),
             x.shape,
         )
-        for m in (
-            np.zeros_like(mask),
-            np.eye(*mask.shape, dtype=np.float32)[:, ::-1] * (np.arange(mask.shape[0]) == 2)[:, None],
-        ):
+        one = np.zeros_like(mask)
+        one[2, 3] = 1
+        two = one.copy()
+        two[4, 0] = 1  # two elements: the unbiased variance divides by n - 1 = 1
+        for m in (np.zeros_like(mask), one, two):
             _check_stats(
                 fn(x, m, unbiased, shift_mean, eps), _whiten_ref(x, m, unbiased, shift_mean, eps), x.shape
             )

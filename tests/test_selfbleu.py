@@ -188,9 +188,17 @@ def test_array_self_bleu_empty_history_and_shape_errors():
         self_bleu(tokens, lengths, tokens, lengths, jnp.ones((2,), bool), form="corpus")
     with pytest.raises(ValueError, match="^BLEU orders must be"):
         self_bleu(tokens, lengths, tokens, lengths, jnp.ones((2,), bool), orders=(0,))
-    big = jnp.zeros((300, 160), jnp.int32)  # (B*L + 1)^2 > 2^31
-    with pytest.raises(ValueError, match="too many for int32 k-gram codes"):
-        self_bleu(big, jnp.zeros(300, jnp.int32), tokens, lengths, jnp.ones((2,), bool))
+    # The int32 limit on k-gram codes is exact: (B*L + 1)^2 <= 2^31 - 1 up to B*L = 46339. (One-token rows,
+    # empty, multi_reference, unigrams: cheap at that size.)
+    one = jnp.ones((1, 1), jnp.int32)
+    fn = jax.jit(partial(self_bleu, form="multi_reference", orders=(1,)))
+    for n, ok in ((46339, True), (46340, False)):
+        args = (jnp.zeros((n, 1), jnp.int32), jnp.zeros(n, jnp.int32), one, one[0], jnp.ones((1,), bool))
+        if ok:
+            chex.assert_trees_all_equal(fn(*args), np.zeros(n, np.float32))
+        else:
+            with pytest.raises(ValueError, match="new-prompt positions is too many for int32 k-gram codes"):
+                fn(*args)
 
 
 def test_array_self_bleu_equals_fast_bleu_on_real_prompts():
