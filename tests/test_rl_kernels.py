@@ -1,13 +1,16 @@
 """RL kernels vs plain NumPy loops / closed forms; the optimizer vs torch.optim.AdamW + LambdaLR."""
 
+import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
 import torch
+from absl.testing import parameterized
 
 from alignjax.rl import kernels
 from alignjax.rl.state import OptimizerConfig, inverse_sqrt_factor, make_optimizer, make_schedule
@@ -39,47 +42,170 @@ def _gae_loop(rewards, values, mask, gamma, lam):
     return adv, returns
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)])
-def test_gae_matches_numpy_loop(gamma, lam):
-    rewards, values, mask = _random_batch(0)
-    adv, ret = jax.jit(kernels.gae, static_argnums=(3, 4))(rewards, values, mask, gamma, lam)
-    ref_adv, ref_ret = _gae_loop(rewards, values, mask, gamma, lam)
-    np.testing.assert_allclose(adv, ref_adv, atol=1e-5)
-    np.testing.assert_allclose(ret, ref_ret, atol=1e-5)
-
-
-@pytest.mark.parametrize("unbiased,shift_mean", [(False, True), (True, True), (False, False)])
-def test_masked_whiten_matches_numpy(unbiased, shift_mean):
-    x, _, mask = _random_batch(1)
-    x = 3.0 * x + 1.5
-    out = kernels.masked_whiten(x, mask, shift_mean=shift_mean, unbiased=unbiased, eps=1e-8)
+def _whiten_ref(x, mask, unbiased=False, shift_mean=True, eps=1e-8):
+    """NumPy masked statistics over the unmasked elements (float64); whitened y is 0 where masked."""
     sel = x[mask > 0].astype(np.float64)
-    mean, var = sel.mean(), sel.var(ddof=1 if unbiased else 0)
-    ref = (x - mean) / np.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)
-    np.testing.assert_allclose(out, np.where(mask > 0, ref, 0.0), atol=1e-5)
-    np.testing.assert_allclose(kernels.masked_mean(x, mask), mean, rtol=1e-5)
-    np.testing.assert_allclose(kernels.masked_var(x, mask, unbiased), var, rtol=1e-5)
+    n = sel.size
+    mean = sel.mean() if n else 0.0
+    ss = np.sum((sel - mean) ** 2)
+    var = ss / max(n - (1 if unbiased else 0), 1)
+    y = (x - mean) / np.sqrt(var + eps) + (0.0 if shift_mean else mean)
+    return {"sum": sel.sum(), "count": float(n), "mean": mean, "var": var, "y": np.where(mask > 0, y, 0.0)}
 
 
-def test_kl_estimators_match_formulas():
-    rng = np.random.default_rng(2)
-    logp = np.log(rng.uniform(0.01, 1.0, size=(4, 7)))
-    ref = np.log(rng.uniform(0.01, 1.0, size=(4, 7)))
-    ref[0, 0] = logp[0, 0] + 30.0  # exercises the low-variance clamps
-    ratio = np.exp(ref) / np.exp(logp)  # pi_ref / pi
-    expected = {
-        "k1": logp - ref,
-        "k2": 0.5 * (logp - ref) ** 2,
-        "k3": ratio - 1.0 - np.log(ratio),
-        "abs": np.abs(logp - ref),
+def _stats(x, mask, unbiased, shift_mean, eps, axis_name=None):
+    return {
+        "sum": kernels.masked_sum(x, mask, axis_name),
+        "count": kernels.masked_count(mask, axis_name),
+        "mean": kernels.masked_mean(x, mask, axis_name),
+        "var": kernels.masked_var(x, mask, unbiased, axis_name),
+        "y": kernels.masked_whiten(x, mask, shift_mean, unbiased, eps, axis_name),
     }
-    lr = np.clip(ref - logp, -20, 20)
-    expected["low_var_kl"] = np.clip(np.exp(lr) - 1.0 - lr, -10, 10)
-    for name, want in expected.items():
-        got = kernels.kl_estimate(jnp.asarray(logp, jnp.float32), jnp.asarray(ref, jnp.float32), name)
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5, err_msg=name)
-    with pytest.raises(ValueError, match="unknown KL estimator"):
-        kernels.kl_estimate(logp, ref, "k4")
+
+
+def _check_stats(got, want, shape):
+    for name in ("sum", "count", "mean", "var"):
+        chex.assert_shape(got[name], ())
+        chex.assert_type(got[name], jnp.float32)
+    chex.assert_shape(got["y"], shape)
+    chex.assert_type(got["y"], jnp.float32)
+    chex.assert_tree_all_finite(got)
+    chex.assert_trees_all_close(
+        got, jax.tree.map(lambda w: np.asarray(w, np.float32), want), atol=2e-5, rtol=2e-5
+    )
+
+
+class KernelsTest(chex.TestCase):
+    """Each kernel jitted and not jitted, against NumPy loops / SciPy (float64)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((1.0, 0.95), (0.9, 1.0), (0.99, 0.0))
+    def test_gae_matches_numpy_loop(self, gamma, lam):
+        rewards, values, mask = _random_batch(0)
+        assert mask.sum(1).min() == 0 and mask.sum(1).max() == mask.shape[1]  # an empty and a full row
+        adv, ret = self.variant(kernels.gae, static_argnums=(3, 4))(rewards, values, mask, gamma, lam)
+        ref_adv, ref_ret = _gae_loop(rewards, values, mask, gamma, lam)
+        for out in (adv, ret):
+            chex.assert_shape(out, rewards.shape)
+            chex.assert_type(out, jnp.float32)
+        chex.assert_tree_all_finite((adv, ret))
+        chex.assert_trees_all_close(
+            (adv, ret), (ref_adv.astype(np.float32), ref_ret.astype(np.float32)), atol=1e-5
+        )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters((False, True, 1e-8), (True, True, 1e-8), (True, False, 0.5))
+    def test_masked_statistics_match_numpy(self, unbiased, shift_mean, eps):
+        x, _, mask = _random_batch(1)
+        x = 3.0 * x + 1.5
+        fn = self.variant(_stats, static_argnums=(2, 3, 4))
+        _check_stats(
+            fn(x, mask, unbiased, shift_mean, eps), _whiten_ref(x, mask, unbiased, shift_mean, eps), x.shape
+        )
+        # A bool mask counts the same; an all-masked input gives 0 statistics and 0 outputs; one element
+        # has variance 0 (unbiased: n - 1 = 0 is floored at 1); two elements.
+        _check_stats(
+            fn(x, mask > 0, unbiased, shift_mean, eps),
+            _whiten_ref(x, mask, unbiased, shift_mean, eps),
+            x.shape,
+        )
+        one = np.zeros_like(mask)
+        one[2, 3] = 1
+        two = one.copy()
+        two[4, 0] = 1  # two elements: the unbiased variance divides by n - 1 = 1
+        for m in (np.zeros_like(mask), one, two):
+            _check_stats(
+                fn(x, m, unbiased, shift_mean, eps), _whiten_ref(x, m, unbiased, shift_mean, eps), x.shape
+            )
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_masked_whiten_defaults(self):
+        x, _, mask = _random_batch(2)
+        y = self.variant(kernels.masked_whiten)(x, mask)  # shift_mean=True, unbiased=False, eps=1e-8
+        chex.assert_trees_all_close(y, _whiten_ref(x, mask)["y"].astype(np.float32), atol=2e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_statistics_are_global_over_axis_name(self):
+        """Under an axis name (as inside pmap; vmap binds one too) the statistics are those of the
+        concatenated batch: every shard sees the global sum, count, mean, variance and whitening."""
+        x, _, mask = _random_batch(3, b=8)
+        x = 2.0 * x - 0.7
+        shards, mshards = x.reshape(4, 2, -1), mask.reshape(4, 2, -1)
+        for unbiased, shift_mean in ((False, True), (True, False)):
+            stats = functools.partial(
+                _stats, unbiased=unbiased, shift_mean=shift_mean, eps=1e-8, axis_name="data"
+            )
+            fn = jax.vmap(stats, axis_name="data")
+            got = self.variant(fn)(shards, mshards)
+            want = _whiten_ref(x, mask, unbiased, shift_mean)
+            for name in ("sum", "count", "mean", "var"):
+                chex.assert_shape(got[name], (4,))
+                chex.assert_trees_all_close(
+                    got[name], np.full(4, want[name], np.float32), rtol=2e-5, atol=2e-5
+                )
+            chex.assert_shape(got["y"], shards.shape)
+            chex.assert_trees_all_close(got["y"].reshape(x.shape), want["y"].astype(np.float32), atol=2e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_kl_estimators_match_formulas(self):
+        rng = np.random.default_rng(2)
+        logp = np.log(rng.uniform(0.01, 1.0, size=(4, 7)))
+        ref = np.log(rng.uniform(0.01, 1.0, size=(4, 7)))
+        ref[0, 0] = logp[0, 0] + 30.0  # log r beyond both low_var_kl clamps
+        ref[0, 1] = logp[0, 1] - 30.0
+        ref[0, 2] = logp[0, 2] + 2.5  # k3 = e^2.5 - 3.5 = 8.68: inside the output clamp
+        ratio = np.exp(ref) / np.exp(logp)  # pi_ref / pi
+        expected = {
+            "k1": logp - ref,
+            "k2": 0.5 * (logp - ref) ** 2,
+            "k3": ratio - 1.0 - np.log(ratio),
+            "abs": np.abs(logp - ref),
+        }
+        lr = np.clip(ref - logp, -20, 20)
+        expected["low_var_kl"] = np.clip(np.exp(lr) - 1.0 - lr, -10, 10)
+        assert expected["low_var_kl"][0, 0] == expected["low_var_kl"][0, 1] == 10.0
+        lp, rp = jnp.asarray(logp, jnp.float32), jnp.asarray(ref, jnp.float32)
+        for name, want in expected.items():
+            got = self.variant(kernels.kl_estimate, static_argnums=2)(lp, rp, name)
+            direct = self.variant(kernels.KL_ESTIMATORS[name])(lp, rp)
+            chex.assert_shape([got, direct], logp.shape)
+            chex.assert_type([got, direct], jnp.float32)
+            chex.assert_trees_all_close(got, direct, want.astype(np.float32), rtol=2e-5, atol=1e-5)
+        chex.assert_trees_all_close(
+            self.variant(kernels.kl_estimate)(lp, rp), expected["k1"].astype(np.float32)
+        )
+        # An impossible token under either policy (log-prob -inf): low_var_kl stays finite (clamped).
+        inf_lp = lp.at[1, 0].set(-jnp.inf)
+        inf_ref = rp.at[1, 1].set(-jnp.inf)
+        low = self.variant(kernels.kl_low_var)(inf_lp, inf_ref)
+        chex.assert_tree_all_finite(low)
+        np.testing.assert_array_equal(np.asarray(low[1, :2]), [10.0, 10.0])
+        # k3 near r = 1 keeps its precision: expm1 (exp(d) - 1 - d in float32 would be off by ~1000%)
+        d = 1e-4
+        small = self.variant(kernels.kl_k3)(jnp.zeros((1, 1)), jnp.full((1, 1), d))
+        np.testing.assert_allclose(np.asarray(small), np.expm1(d) - d, rtol=1e-2)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_token_logprobs_and_entropy_match_scipy(self):
+        rng = np.random.default_rng(4)
+        logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
+        tokens = rng.integers(0, 11, size=(3, 5))
+        for temp, dtype in ((1.0, jnp.float32), (0.7, jnp.float32), (1.0, jnp.bfloat16)):
+            x = jnp.asarray(logits, dtype)
+            lp_ref = scipy.special.log_softmax(np.asarray(x, np.float64) / temp, axis=-1)
+            want = np.take_along_axis(lp_ref, tokens[..., None], -1)[..., 0]
+            ent = -np.sum(np.exp(lp_ref) * lp_ref, axis=-1)
+            if temp == 1.0:  # the default temperature
+                got = self.variant(kernels.token_logprobs)(x, tokens)
+                got_ent = self.variant(kernels.entropy_from_logits)(x)
+            else:
+                got = self.variant(kernels.token_logprobs, static_argnums=2)(x, tokens, temp)
+                got_ent = self.variant(kernels.entropy_from_logits, static_argnums=1)(x, temp)
+            chex.assert_shape([got, got_ent], tokens.shape)
+            chex.assert_type([got, got_ent], jnp.float32)  # float32 whatever the logits' dtype
+            chex.assert_trees_all_close(
+                (got, got_ent), (want.astype(np.float32), ent.astype(np.float32)), atol=1e-5
+            )
 
 
 def test_kl_estimators_are_monte_carlo_estimates_of_kl():
@@ -95,18 +221,6 @@ def test_kl_estimators_are_monte_carlo_estimates_of_kl():
         assert abs(est - exact) < 0.02 * max(exact, 0.1), (name, est, exact)
 
 
-def test_token_logprobs_and_entropy_match_numpy():
-    rng = np.random.default_rng(4)
-    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
-    tokens = rng.integers(0, 11, size=(3, 5))
-    for temp in (1.0, 0.7):
-        lp = scipy.special.log_softmax(logits.astype(np.float64) / temp, axis=-1)
-        want = np.take_along_axis(lp, tokens[..., None], -1)[..., 0]
-        np.testing.assert_allclose(kernels.token_logprobs(logits, tokens, temp), want, atol=1e-5)
-        ent = -np.sum(np.exp(lp) * lp, axis=-1)
-        np.testing.assert_allclose(kernels.entropy_from_logits(logits, temp), ent, atol=1e-5)
-
-
 def test_kernels_reject_wrong_shapes():
     r, v, m = _random_batch(5)
     with pytest.raises(AssertionError, match="shape"):
@@ -117,6 +231,17 @@ def test_kernels_reject_wrong_shapes():
         kernels.masked_whiten(r, m[:, :-1])
     with pytest.raises(AssertionError, match="shape"):
         kernels.token_logprobs(np.zeros((2, 3, 5)), np.zeros((2, 4), np.int32))
+    with pytest.raises(AssertionError, match="rank"):
+        kernels.token_logprobs(np.zeros((2, 5)), np.zeros((2,), np.int32))
+    with pytest.raises(AssertionError, match="shape"):
+        kernels.masked_sum(r, m[:, :-1])
+    with pytest.raises(AssertionError, match="shape"):
+        kernels.kl_estimate(r, v[:, :-1], "k3")
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown KL estimator 'k4'; choose from \['abs', 'k1', 'k2', 'k3', 'low_var_kl'\]$",
+    ):
+        kernels.kl_estimate(r, v, "k4")
 
 
 def _authors_factor(step, warmup):
