@@ -55,7 +55,7 @@ def test_init_is_empty_with_the_given_sizes_and_pad():
 
 def test_add_converts_dtypes_and_a_capacity_of_one_keeps_the_last_row():
     h = hist.init(1, 2, 2)
-    h = hist.add(
+    h = jax.jit(hist.add)(
         h,
         np.array([[1, 2], [3, 4], [5, 6]], np.int64),
         np.array([2, 1, 2], np.int64),
@@ -64,7 +64,9 @@ def test_add_converts_dtypes_and_a_capacity_of_one_keeps_the_last_row():
     )
     _check_types(h, 1, 2, 2)
     chex.assert_trees_all_equal(tuple(h), (np.array([[3, 4]]), np.array([1]), np.array([[2.0, 3.0]]), 1, 0))
-    h = hist.add(h, jnp.array([[9, 9]]), jnp.array([1]), jnp.ones((1, 2), jnp.bfloat16), jnp.array([True]))
+    h = jax.jit(hist.add)(
+        h, jnp.array([[9, 9]]), jnp.array([1]), jnp.ones((1, 2), jnp.bfloat16), jnp.array([True])
+    )
     _check_types(h, 1, 2, 2)
     chex.assert_trees_all_equal(tuple(h), (np.array([[9, 9]]), np.array([1]), np.ones((1, 2)), 1, 0))
 

@@ -6,6 +6,7 @@ import itertools
 import json
 import pathlib
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,11 +118,14 @@ def _judge_case(world, prompt, response):
     # fixed widths: every case reuses one compilation of the judge
     p, pm = world.encode([G.DEFENDER_TEMPLATE.format(x=prompt)], 32)
     r, rm = world.encode([response], 32, side="right")
-    return (
-        world.judge(p, pm, r, rm),
-        float(world.defender_reward(p, pm, r, rm)[0]),
-        float(world.attacker_reward(p, pm, r, rm)[0]),
+    out = world.judge(p, pm, r, rm)
+    r_def, r_att = world.defender_reward(p, pm, r, rm), world.attacker_reward(p, pm, r, rm)
+    chex.assert_shape([out.p_safe, out.p_unsafe, out.unsafe, r_def, r_att], (1,))
+    chex.assert_type(
+        [out.p_safe, out.p_unsafe, out.unsafe, r_def, r_att], [jnp.float32] * 2 + [bool] + [jnp.float32] * 2
     )
+    chex.assert_tree_all_finite((out.p_safe, out.p_unsafe, r_def, r_att))
+    return out, float(r_def[0]), float(r_att[0])
 
 
 COMPLY = "sure , here is how to {t} : first read the guide , then take notes , finally ask an expert ."

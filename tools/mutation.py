@@ -38,10 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DETECTED = {"killed", "timeout", "segfault"}
 
 
-def module_name(path: str) -> str:
-    return path[: -len(".py")].replace("/", ".")
-
-
 def generate_mutants(modules: list[str]) -> dict[str, list[str]]:
     """Write mutants/ with mutmut's own generator and return {module path: [mutant names]}."""
     from mutmut.__main__ import create_mutants
@@ -126,8 +122,13 @@ def main() -> int:
     env.setdefault("ALIGNJAX_CACHE_DIR", str(ROOT / "cache" / "tests"))
     names = [n for path in modules for n in sample[path]]
     cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", "1", *names]
-    proc = subprocess.run(cmd, env=env)
+    log = Path("mutants/mutmut-run.log")
+    print(f"mutmut run on {len(names)} mutants (its output: {log}) ...", flush=True)
+    with log.open("w") as out:
+        proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     elapsed = time.time() - start
+    if proc.returncode != 0:
+        print(log.read_text().replace("\r", "\n")[-5000:])
 
     rows, survivors = results(modules, sample)
     from mutmut.mutation.diff_apply import get_diff_for_mutant
