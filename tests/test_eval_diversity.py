@@ -4,6 +4,7 @@ brute-force double loop for the pairwise cosine; self-matches excluded."""
 import json
 import pathlib
 
+import chex
 import fast_bleu
 import numpy as np
 import pytest
@@ -41,12 +42,12 @@ def _check(texts):
     ids, lengths, _ = words_to_ids(words)
     per_ref, multi = _fast_bleu_expectations(words)
     # batch_size 3 does not divide N: exercises the padded last batch.
-    np.testing.assert_allclose(
-        self_bleu_each(ids, lengths, "per_reference", batch_size=3), per_ref, atol=2e-6
-    )
-    np.testing.assert_allclose(
-        self_bleu_each(ids, lengths, "multi_reference", batch_size=3), multi, atol=2e-6
-    )
+    got_per_ref = self_bleu_each(ids, lengths, "per_reference", batch_size=3)
+    got_multi = self_bleu_each(ids, lengths, "multi_reference", batch_size=3)
+    chex.assert_shape([got_per_ref, got_multi], (len(texts),))
+    chex.assert_tree_all_finite([got_per_ref, got_multi])
+    np.testing.assert_allclose(got_per_ref, per_ref, atol=2e-6)
+    np.testing.assert_allclose(got_multi, multi, atol=2e-6)
     assert selfbleu_diversity_texts(texts, "multi_reference") == pytest.approx(1 - multi.mean(), abs=2e-6)
 
 

@@ -5,6 +5,7 @@ References: Python loops (last real token), HF PyTorch `LlamaModel` hidden state
 scores, and a synthetic preference that a reward model must learn.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,11 +54,14 @@ def test_last_token_index_matches_python_loop():
     mask = (rng.random((64, 9)) < 0.6).astype(np.int32)
     mask[:, 0] = 1  # every row has a real token; holes, left and right padding all occur
     ref = [max(t for t in range(9) if mask[b, t]) for b in range(64)]
-    np.testing.assert_array_equal(np.asarray(last_token_index(jnp.asarray(mask))), ref)
+    idx = last_token_index(jnp.asarray(mask))
+    chex.assert_shape(idx, (64,))
+    chex.assert_type(idx, jnp.int32)
+    np.testing.assert_array_equal(np.asarray(idx), ref)
     x = rng.normal(size=(64, 9, 3)).astype(np.float32)
-    np.testing.assert_array_equal(
-        np.asarray(gather_last(jnp.asarray(x), jnp.asarray(mask))), x[np.arange(64), ref]
-    )
+    last = gather_last(jnp.asarray(x), jnp.asarray(mask))
+    chex.assert_shape(last, (64, 3))
+    np.testing.assert_array_equal(np.asarray(last), x[np.arange(64), ref])
 
 
 def test_value_forward_matches_hf_hidden_states_and_numpy_head(seq_cls):
@@ -68,7 +72,10 @@ def test_value_forward_matches_hf_hidden_states_and_numpy_head(seq_cls):
     tokens, mask = random_left_padded(np.random.default_rng(1), B, T, V, min_len=3)
     critic = init_critic(model.config, jax.random.key(0), backbone=model.params["backbone"], head_std=0.5)
     critic["head"]["bias"] = jnp.asarray(0.3)
-    values = np.asarray(jax.jit(value_forward, static_argnums=1)(critic, model.config, tokens, mask))
+    values = jax.jit(value_forward, static_argnums=1)(critic, model.config, tokens, mask)
+    chex.assert_shape(values, (B, T))
+    chex.assert_type(values, jnp.float32)
+    values = np.asarray(values)
     with torch.no_grad():
         h = (
             hf.model(
@@ -92,13 +99,18 @@ def test_reward_scores_match_hf_sequence_classification(seq_cls):
     rng = np.random.default_rng(2)
     # Right padding with pad_token_id: HF's own rule (rightmost non-pad token), no position_ids needed.
     tokens, mask = _right_padded(rng, 6, T, V)
-    ours = np.asarray(model.score(model.params, tokens, mask))
+    ours = model.score(model.params, tokens, mask)
+    chex.assert_shape(ours, (6,))
+    chex.assert_tree_all_finite(ours)
+    ours = np.asarray(ours)
     ref = _hf_scores(hf, tokens, mask)
     assert np.std(ref) > 0.1
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
     # Left padding: equal to HF given position_ids = cumsum(mask) - 1, hence to the unpadded score.
     tokens_l, mask_l = random_left_padded(rng, 6, T, V, min_len=2)
-    ours_l = np.asarray(model.score(model.params, tokens_l, mask_l))
+    ours_l = model.score(model.params, tokens_l, mask_l)
+    chex.assert_shape(ours_l, (6,))
+    ours_l = np.asarray(ours_l)
     np.testing.assert_allclose(ours_l, hf_logits(hf, tokens_l, mask_l)[:, 0], atol=1e-4, rtol=0)
     for b in range(6):
         real = tokens_l[b][mask_l[b] == 1][None]
@@ -130,6 +142,8 @@ def test_bt_loss_equals_closed_form_on_hf_scores(seq_cls):
     r, rmask = _right_padded(rng, B, T, V)
     batch = rm.PreferenceBatch(*map(jnp.asarray, (c, cm, r, rmask)))
     metrics = rm.bt_eval(model.params, model.config, batch)
+    chex.assert_shape([metrics["loss"], metrics["accuracy"], metrics["margin"]], ())
+    chex.assert_tree_all_finite(metrics)
     margin = _hf_scores(hf, c, cm) - _hf_scores(hf, r, rmask)
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(np.log1p(np.exp(-margin))), atol=1e-5)
     np.testing.assert_allclose(float(metrics["accuracy"]), np.mean(margin > 0), atol=1e-6)
@@ -169,10 +183,14 @@ def test_bt_training_learns_a_synthetic_preference():
     step = rm.make_bt_train_step(config, optimizer)
     rng = np.random.default_rng(0)
     test_batch = _marker_pairs(rng, 256, 8, 32, marker=5)
+    state_shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
     before = rm.bt_eval(state.params, config, test_batch)
     for _ in range(40):
         state, metrics = step(state, _marker_pairs(rng, 32, 8, 32, marker=5))
     after = rm.bt_eval(state.params, config, test_batch)
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, state_shapes)
+    chex.assert_tree_all_finite(state.params)
+    chex.assert_shape([metrics["loss"], metrics["grad_norm"], after["loss"], after["accuracy"]], ())
     assert int(state.step) == 40
     assert float(before["accuracy"]) < 0.75
     assert float(after["accuracy"]) >= 0.95, after
@@ -191,6 +209,9 @@ def test_reward_model_judge_scores_assembled_rows_like_hf(seq_cls):
     pt, pm = random_left_padded(rng, B, 5, V, min_len=1)
     rt, rmask = _right_padded(rng, B, 6, V)
     out = judge(pt, pm, rt, rmask)
+    chex.assert_shape([out.p_safe, out.p_unsafe, out.unsafe], (B,))
+    chex.assert_type([out.p_safe, out.p_unsafe], jnp.float32)
+    chex.assert_type(out.unsafe, jnp.bool_)
     for b in range(B):
         seq = [1, 7, *pt[b][pm[b] == 1], 8, *rt[b][rmask[b] == 1], 9, 10]
         r = hf_logits(hf, np.asarray([seq]))[0, 0]
@@ -213,6 +234,8 @@ def test_bt_train_step_pmean_over_devices_equals_full_batch_step():
     full, m_full = jax.jit(functools.partial(rm.bt_train_step, config=config, optimizer=optimizer))(
         state, batch
     )
+    chex.assert_trees_all_equal_shapes_and_dtypes(full, state)
+    chex.assert_shape(m_full["loss"], ())
     shard = lambda x: x.reshape((2, x.shape[0] // 2) + x.shape[1:])
     pstep = functools.partial(rm.bt_train_step, config=config, optimizer=optimizer, axis_name="d")
     step = jax.pmap(pstep, "d", devices=jax.devices()[:2])

@@ -5,6 +5,7 @@ concatenation; a `tokenizers` WordLevel tokenizer that prepends BOS (the authors
 for re-tokenisation.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +29,14 @@ WORDS = ["<pad>", "<s>", "</s>", "safe", "unsafe", "[INST]", "[/INST]", "User:",
          "make", "a", "cake", "bomb", "sorry", "no", "here", "is"]  # fmt: skip
 TEMPLATE = JudgeTemplate(prefix=(1, 5, 7), middle=(8,), suffix=(6,))
 SAFE, UNSAFE = 3, 4
+
+
+def check_judge_output(out, b):
+    """JudgeOutput as documented: p_safe, p_unsafe [B] float32 (finite), unsafe [B] bool."""
+    chex.assert_shape([out.p_safe, out.p_unsafe, out.unsafe], (b,))
+    chex.assert_type([out.p_safe, out.p_unsafe], jnp.float32)
+    chex.assert_type(out.unsafe, jnp.bool_)
+    chex.assert_tree_all_finite([out.p_safe, out.p_unsafe])
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +82,7 @@ def test_judge_probabilities_equal_hf_softmax(judge_ckpt):
     judge = load_lm_judge(path, TEMPLATE, SAFE, UNSAFE)
     pt, pm, rt, rm = _batch(np.random.default_rng(0))
     out = judge(pt, pm, rt, rm)
+    check_judge_output(out, 5)
     assert isinstance(out, JudgeOutput) and out.p_safe.shape == (5,) and out.unsafe.dtype == jnp.bool_
     ref = _hf_probs(hf, TEMPLATE, pt, pm, rt, rm)
     # The probabilities of 2 tokens out of 1000 are small: compare relatively (logits agree to ~1e-5).
@@ -83,6 +93,8 @@ def test_judge_probabilities_equal_hf_softmax(judge_ckpt):
     # Full-softmax probabilities (not renormalised); the renormalised pair sums to one.
     assert np.all(np.asarray(out.p_safe + out.p_unsafe) < 1.0)
     ren = renormalised(out)
+    check_judge_output(ren, 5)
+    chex.assert_trees_all_close(ren.p_safe + ren.p_unsafe, jnp.ones(5), atol=1e-6)
     np.testing.assert_allclose(
         np.asarray(ren.p_unsafe), ref[:, UNSAFE] / (ref[:, SAFE] + ref[:, UNSAFE]), rtol=1e-4
     )
@@ -95,6 +107,7 @@ def test_assemble_matches_list_concatenation():
     tokens, mask = assemble(TEMPLATE, *map(jnp.asarray, (pt, pm, rt, rm)), pad_id=0)
     length = len(TEMPLATE.prefix) + 6 + len(TEMPLATE.middle) + 7 + len(TEMPLATE.suffix)
     assert tokens.shape == mask.shape == (5, length)
+    chex.assert_shape([tokens, mask], (5, length))
     for b in range(5):
         seq = (list(TEMPLATE.prefix) + list(pt[b][pm[b] == 1]) + list(TEMPLATE.middle)
                + list(rt[b][rm[b] == 1]) + list(TEMPLATE.suffix))  # fmt: skip
@@ -162,6 +175,8 @@ def test_retokenizing_judge_matches_direct_judge(judge_ckpt):
         jnp.asarray(np.where(pm == 1, pt + 100, 0)), pm, jnp.asarray(np.where(rm == 1, rt + 100, 0)), rm
     )
     direct = judge(pt, pm, rt, rm)
+    check_judge_output(out, 5)
+    check_judge_output(direct, 5)
     np.testing.assert_allclose(np.asarray(out.p_unsafe), np.asarray(direct.p_unsafe), atol=1e-6)
     too_short = jax.jit(retokenizing_judge(judge, decode, encode, prompt_len=2, response_len=9))
     with pytest.raises(Exception, match="out_len"):
@@ -171,5 +186,6 @@ def test_retokenizing_judge_matches_direct_judge(judge_ckpt):
 def test_renormalised_is_finite_when_both_probabilities_underflow():
     out = JudgeOutput(jnp.array([0.0, 0.2]), jnp.array([0.0, 0.6]), jnp.array([False, True]))
     ren = renormalised(out)
+    check_judge_output(ren, 2)
     np.testing.assert_allclose(np.asarray(ren.p_safe), [0.5, 0.25], atol=1e-7)
     np.testing.assert_allclose(np.asarray(ren.p_unsafe), [0.5, 0.75], atol=1e-7)

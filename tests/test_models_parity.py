@@ -6,6 +6,7 @@ position_ids = cumsum(mask) - 1 when rows are left-padded (HF generate's convent
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,7 +72,11 @@ def test_logits_match_hf_with_and_without_left_padding(ckpts, batch, case):
     path, hf = ckpts[case]
     tokens, mask = batch
     model = load_pretrained(path)
-    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    logits = model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask))
+    chex.assert_shape(logits, (B, T, model.config.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+    ours = np.asarray(logits)
     ref = hf_logits(hf, tokens, mask)
     assert ours.shape == (B, T, 1000) and ours.dtype == np.float32
     # Row 0 is unpadded; the others are left-padded: compare real-token positions only.
@@ -80,7 +85,10 @@ def test_logits_match_hf_with_and_without_left_padding(ckpts, batch, case):
     assert _real_max_diff(ours, ref, mask) <= TOL
     # Without a mask (same shape, so no recompilation), forward(params, tokens) equals HF unpadded.
     full = np.random.default_rng(1).integers(3, 1000, size=(B, T)).astype(np.int32)
-    plain = np.asarray(model.forward(model.params, jnp.asarray(full)))
+    plain = model.forward(model.params, jnp.asarray(full))
+    chex.assert_shape(plain, (B, T, model.config.vocab_size))
+    chex.assert_type(plain, jnp.float32)
+    plain = np.asarray(plain)
     np.testing.assert_allclose(plain, hf_logits(hf, full), atol=TOL, rtol=0)
 
 
@@ -102,6 +110,12 @@ def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, expli
     step = jax.jit(llama.forward, static_argnums=1)
     cache = llama.init_cache(cfg, B, T + 3)
     out = step(params, cfg, jnp.asarray(tokens[:, :p]), jnp.asarray(mask[:, :p]), None, cache)
+    chex.assert_shape(out.logits, (B, p, cfg.vocab_size))
+    chex.assert_type(out.logits, jnp.float32)
+    chex.assert_shape(out.hidden, (B, p, cfg.hidden_size))
+    chex.assert_trees_all_equal_shapes_and_dtypes(out.cache, cache)
+    chex.assert_shape(out.cache.index, ())
+    chex.assert_type(out.cache.index, jnp.int32)
     m = mask[:, :p].astype(bool)
     assert np.max(np.abs(np.asarray(out.logits) - ref[:, :p])[m]) <= TOL
     cache = out.cache
@@ -118,6 +132,10 @@ def test_kv_cache_prefill_chunk_then_decode_matches_hf(ckpts, batch, case, expli
             jnp.asarray(pos[:, sl]) if explicit_positions else None,
             cache,
         )
+        chex.assert_shape(out.logits, (B, n, cfg.vocab_size))
+        chex.assert_type(out.logits, jnp.float32)
+        chex.assert_shape(out.hidden, (B, n, cfg.hidden_size))
+        chex.assert_trees_all_equal_shapes_and_dtypes(out.cache, cache)
         cache, t = out.cache, t + n
         real = mask[:, sl].astype(bool)
         assert np.max(np.abs(np.asarray(out.logits) - ref[:, sl])[real]) <= TOL
@@ -136,6 +154,10 @@ def test_per_layer_params_match_hf(ckpts, batch, case):
     assert len(per_layer["layers"]) == model.config.num_layers
     assert llama.unstack_layers(per_layer) is per_layer
     out = llama.forward(per_layer, model.config, jnp.asarray(tokens), jnp.asarray(mask))
+    chex.assert_shape(out.logits, (B, T, model.config.vocab_size))
+    chex.assert_type(out.logits, jnp.float32)
+    chex.assert_shape(out.hidden, (B, T, model.config.hidden_size))
+    assert out.cache is None
     assert _real_max_diff(out.logits, hf_logits(hf, tokens, mask), mask) <= TOL
 
 
@@ -163,7 +185,11 @@ def test_bf16_forward_is_close_to_fp32_reference(ckpts, batch):
     tokens, mask = batch
     model = load_pretrained(path, dtype=jnp.bfloat16)
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(model.params))
-    ours = np.asarray(model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask)))
+    logits = model.forward(model.params, jnp.asarray(tokens), jnp.asarray(mask))
+    chex.assert_shape(logits, (B, T, model.config.vocab_size))
+    chex.assert_type(logits, jnp.float32)  # documented float32 whatever the params' dtype
+    chex.assert_tree_all_finite(logits)
+    ours = np.asarray(logits)
     ref = hf_logits(hf, tokens, mask)
     assert ours.dtype == np.float32 and np.all(np.isfinite(ours))
     real = mask.astype(bool)

@@ -1,5 +1,6 @@
 """Data parallel (pmap over 8 fake CPU devices) equals one device on the same global batch."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +54,8 @@ def test_whitening_is_global_across_devices():
     out = parallel.pmap(lambda a, m: masked_whiten(a, m, axis_name=parallel.DATA_AXIS))(
         parallel.shard(x), parallel.shard(mask)
     )
+    chex.assert_shape(out, (D, 3, 7))
+    chex.assert_tree_all_finite(out)
     sel = x[mask > 0].astype(np.float64)
     want = np.where(mask > 0, (x - sel.mean()) / np.sqrt(sel.var() + 1e-8), 0.0)
     np.testing.assert_allclose(parallel.unshard(out), want, atol=1e-5)
@@ -83,6 +86,11 @@ def test_pmapped_ppo_update_equals_single_device():
     )
     sr, mrb = multi(sr, parallel.replicate(ref), parallel.shard(make_rollout(2)), parallel.replicate(key))
 
+    chex.assert_trees_all_equal_shapes_and_dtypes(s1, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(sr, parallel.replicate(state))
+    chex.assert_shape(list(m1.values()) + list(m1b.values()), ())
+    chex.assert_type(list(m1.values()) + list(m1b.values()), jnp.float32)
+    chex.assert_shape(list(mr.values()) + list(mrb.values()), (D,))
     # every device holds the same state
     jax.tree.map(lambda x: np.testing.assert_array_equal(x[0], x[-1]), (sr.policy_params, sr.critic_params))
     s8 = parallel.unreplicate(sr)
@@ -104,6 +112,10 @@ def test_pmapped_sft_step_equals_single_device():
     sr, mr = parallel.pmap(make_sft_step(MODELS, axis_name=parallel.DATA_AXIS))(
         parallel.replicate(state), parallel.shard(batch)
     )
+    chex.assert_trees_all_equal_shapes_and_dtypes(s1, state)
+    chex.assert_trees_all_equal_shapes_and_dtypes(sr, parallel.replicate(state))
+    chex.assert_shape(list(m1.values()), ())
+    chex.assert_shape(list(mr.values()), (D,))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
                  s1.params, parallel.unreplicate(sr).params)  # fmt: skip
     for k in m1:

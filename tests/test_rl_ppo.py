@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,14 @@ def test_experience_matches_numpy(nets):
     exp, metrics, _ = jax.jit(functools.partial(compute_experience, models=MODELS, cfg=cfg))(
         policy, critic, ref, ro
     )
+    b, n = ro.response_tokens.shape
+    per_token = [exp.logprobs, exp.ref_logprobs, exp.values, exp.kl, exp.rewards, exp.advantages, exp.returns]
+    chex.assert_shape(per_token, (b, n))
+    chex.assert_type(per_token, jnp.float32)
+    chex.assert_tree_all_finite(per_token)
+    chex.assert_shape([exp.response_tokens, exp.response_mask], (b, n))
+    chex.assert_shape([exp.prompt_tokens, exp.prompt_mask], ro.prompt_tokens.shape)
+    chex.assert_shape(list(metrics.values()), ())
     logp, vals, _ = full_forward_numpy(policy, critic, ro)
     ref_logp, _, _ = full_forward_numpy(ref, None, ro)
     m = np.asarray(ro.response_mask, np.float64)
@@ -141,6 +150,8 @@ def test_policy_and_value_losses_match_numpy(nets, aggregation):
     lp_all = scipy.special.log_softmax(logits, axis=-1)
     ent = -np.sum(np.exp(lp_all) * lp_all, -1)
     loss, aux = policy_loss(policy, mb, models=MODELS, cfg=cfg)
+    chex.assert_shape([loss, *aux.values()], ())
+    chex.assert_tree_all_finite([loss, aux])
     np.testing.assert_allclose(loss, agg(pg) - 0.05 * agg(ent), atol=1e-5)
     # the clip binds (TRL/MOSS "clipfrac") when the ratio left the band in the direction A pushes it
     binding = ((adv > 0) & (ratio > 1.2)) | ((adv < 0) & (ratio < 0.8))
@@ -151,6 +162,8 @@ def test_policy_and_value_losses_match_numpy(nets, aggregation):
     v_clip = old_vals + np.clip(vals - old_vals, -0.2, 0.2)
     vf = np.maximum((vals - returns) ** 2, (v_clip - returns) ** 2)
     vloss, vaux = value_loss(critic, mb, models=MODELS, cfg=cfg)
+    chex.assert_shape([vloss, *vaux.values()], ())
+    chex.assert_tree_all_finite([vloss, vaux])
     np.testing.assert_allclose(vloss, 0.7 * 0.5 * agg(vf), atol=1e-5)
     np.testing.assert_allclose(
         vaux["value_clip_frac"], agg((v_clip - returns) ** 2 > (vals - returns) ** 2), atol=1e-6
@@ -176,6 +189,10 @@ def _trees_equal(a, b):
 def test_finite_update_changes_params_and_reports_metrics(nets, update_fn):
     state = _player(nets)
     new, metrics = update_fn(state, nets[1], make_rollout(4), jax.random.PRNGKey(1))
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+    chex.assert_shape(list(metrics.values()), ())
+    chex.assert_type(list(metrics.values()), jnp.float32)
+    chex.assert_tree_all_finite([new.policy_params, new.critic_params])
     assert not _trees_equal(new.policy_params, state.policy_params)
     assert not _trees_equal(new.critic_params, state.critic_params)
     assert int(new.step) == 1 and float(metrics["update_skipped"]) == 0.0
@@ -212,6 +229,9 @@ def test_nonfinite_update_is_detected_and_not_applied(nets, update_fn, single_st
         culprit = "logprobs"
     state = state.replace(step=jnp.asarray(7, jnp.int32))
     new, metrics = update_fn(state, nets[1], ro, jax.random.PRNGKey(2))
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, state)
+    chex.assert_shape(list(metrics.values()), ())
+    chex.assert_type(list(metrics.values()), jnp.float32)
     assert float(metrics["update_skipped"]) == 1.0
     assert float(metrics["nonfinite/" + culprit]) > 0
     assert _trees_equal(new.policy_params, state.policy_params)
@@ -255,6 +275,8 @@ def test_critic_initialised_from_a_reward_model_scores_every_prefix(nets):
     tokens = jnp.concatenate([ro.prompt_tokens, ro.response_tokens], 1)
     mask = jnp.concatenate([ro.prompt_mask, ro.response_mask], 1)
     values = MODELS.critic_values(rm_params, tokens[:, :-1], mask[:, :-1], n)
+    chex.assert_shape(values, (ro.response_tokens.shape[0], n))
+    chex.assert_type(values, jnp.float32)
     for t in (0, 3, n - 1):
         want = heads.reward_forward(rm_params, CFG, tokens[:, : p + t], mask[:, : p + t])
         rows = np.asarray(ro.response_mask[:, t]) > 0

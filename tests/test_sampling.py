@@ -6,6 +6,7 @@ against the filtered softmax computed in NumPy from HF logits."""
 import dataclasses
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,15 @@ def np_log_softmax(x):
     return x - np.logaddexp.reduce(x)
 
 
+def check_sample_output(out, b, n):
+    """SampleOutput as documented: tokens [B, N] int32, logprobs / policy_logprobs [B, N] float32
+    (finite), mask [B, N] int32."""
+    chex.assert_shape([out.tokens, out.logprobs, out.mask, out.policy_logprobs], (b, n))
+    chex.assert_type([out.tokens, out.mask], jnp.int32)
+    chex.assert_type([out.logprobs, out.policy_logprobs], jnp.float32)
+    chex.assert_tree_all_finite([out.logprobs, out.policy_logprobs])
+
+
 def check_eos_layout(tokens, mask, eos_ids, n):
     """mask is 1 up to and including the first EOS, 0 after; tokens after it are PAD."""
     for b in range(tokens.shape[0]):
@@ -88,13 +98,17 @@ def test_repetition_penalty_and_top_k_match_hf():
     seen = np.zeros((4, 50), bool)
     np.put_along_axis(seen, ids, True, axis=1)
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(ids), torch.tensor(logits)).numpy()
-    ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3))
+    penalized = apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3)
+    chex.assert_shape(penalized, logits.shape)
+    ours = np.asarray(penalized)
     np.testing.assert_allclose(ours, ref, rtol=1e-6)
 
     tied = np.round(logits * 2) / 2  # many ties, including at the k-th value
     for k in (1, 5, 13, 50, 80):
         ref = np.isfinite(TopKLogitsWarper(k)(None, torch.tensor(tied)).numpy())
-        np.testing.assert_array_equal(np.asarray(top_k_mask(jnp.asarray(tied), k)), ref)
+        keep = top_k_mask(jnp.asarray(tied), k)
+        chex.assert_shape(keep, tied.shape)
+        np.testing.assert_array_equal(np.asarray(keep), ref)
 
 
 @pytest.mark.parametrize("top_p", [0.05, 0.3, 0.9, 0.999])
@@ -104,7 +118,9 @@ def test_top_p_matches_hf_sort_based_warper(top_p):
         logits = (scale * rng.normal(size=(6, 3000))).astype(np.float32)
         ref = np.isfinite(TopPLogitsWarper(top_p)(None, torch.tensor(logits)).numpy())
         probs = jax.nn.softmax(jnp.asarray(logits), axis=-1)
-        np.testing.assert_array_equal(np.asarray(top_p_mask(probs, top_p)), ref)
+        keep = top_p_mask(probs, top_p)
+        chex.assert_shape(keep, logits.shape)
+        np.testing.assert_array_equal(np.asarray(keep), ref)
 
 
 def test_top_p_ties_at_boundary_brute_force():
@@ -172,6 +188,7 @@ def test_greedy_equals_hf_generate(tmp_path, family, options, penalties):
             eos,
             PAD,
         )
+        check_sample_output(out, tokens.shape[0], n)
         got = np.asarray(out.tokens)
         np.testing.assert_array_equal(got[:, : ref.shape[1]], ref)  # HF pads finished rows too
         np.testing.assert_array_equal(got[:, ref.shape[1] :], PAD)  # HF stops when all rows end
@@ -199,6 +216,7 @@ def test_logprobs_equal_numpy_teacher_forced(llama_ckpt, cfg):
     tokens, mask = random_left_padded(np.random.default_rng(4), 5, 7, 1000, min_len=1)
     eos = (2, 17)
     out = sample(ours.params, ours.config, tokens, mask, jax.random.key(7), cfg, eos, PAD)
+    check_sample_output(out, tokens.shape[0], cfg.max_new_tokens)
     got, got_mask = np.asarray(out.tokens), np.asarray(out.mask)
     check_eos_layout(got, got_mask, list(eos), cfg.max_new_tokens)
     for b in range(tokens.shape[0]):
@@ -256,6 +274,7 @@ def test_sampled_frequencies_match_filtered_softmax(tmp_path, cfg):
         None,
         PAD,
     )
+    check_sample_output(out, 2 * reps, 1)
     draws = np.asarray(out.tokens)[:, 0].reshape(2, reps)
     for i in range(2):
         prompt = prompts[i][masks[i] == 1]
@@ -263,7 +282,9 @@ def test_sampled_frequencies_match_filtered_softmax(tmp_path, cfg):
         q = np.exp(np_sampling_logprobs(step, prompt, cfg))
         seen = np.zeros((1, q.size), bool)
         seen[0, prompt] = True
-        dist = np.exp(np.asarray(sampling_distribution(jnp.asarray(step[None], jnp.float32), seen, cfg)))[0]
+        logq = sampling_distribution(jnp.asarray(step[None], jnp.float32), seen, cfg)
+        chex.assert_shape(logq, (1, q.size))
+        dist = np.exp(np.asarray(logq))[0]
         np.testing.assert_allclose(dist, q, atol=1e-5)
         counts = np.bincount(draws[i], minlength=q.size)
         assert counts[q == 0].sum() == 0

@@ -1,5 +1,6 @@
 """SFT: loss value vs NumPy cross-entropy from a full forward; loss goes down on a small corpus."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,7 +57,9 @@ def numpy_loss(params, batch):
 def test_sft_loss_matches_numpy_cross_entropy():
     params = init_params(CFG, jax.random.PRNGKey(0), std=0.3)
     batch = corpus(0, b=6)
-    loss, _ = sft_loss(params, batch, models=MODELS)
+    loss, aux = sft_loss(params, batch, models=MODELS)
+    chex.assert_shape([loss, *aux.values()], ())
+    chex.assert_tree_all_finite([loss, aux])
     np.testing.assert_allclose(float(loss), numpy_loss(params, batch), rtol=1e-5)
 
 
@@ -67,9 +70,13 @@ def test_sft_drives_loss_down_and_handles_bad_input():
     step = jax.jit(make_sft_step(MODELS))
     data = corpus(1, b=32)  # a small corpus, fitted full-batch
     start = numpy_loss(state.params, data)
+    state0 = state
     for _ in range(100):
         state, metrics = step(state, data)
         assert float(metrics["update_skipped"]) == 0.0
+    chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+    chex.assert_shape(list(metrics.values()), ())
+    chex.assert_tree_all_finite(state.params)
     end = numpy_loss(state.params, data)
     assert start > 0.9 * np.log(CFG.vocab_size), start  # starts near the uniform cross-entropy
     assert end < 0.3 * start, (start, end)
@@ -78,6 +85,8 @@ def test_sft_drives_loss_down_and_handles_bad_input():
     # a NaN in the params: the step is reported and not applied
     bad = state.replace(params={**state.params, "final_norm": state.params["final_norm"].at[0].set(jnp.nan)})
     new, metrics = step(bad, data)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new, bad)
+    chex.assert_shape(list(metrics.values()), ())
     assert float(metrics["update_skipped"]) == 1.0
     with pytest.raises(NonFiniteError, match="loss"):
         raise_if_nonfinite(metrics)
