@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import yaml
 from tqdm.auto import tqdm
 
-from alignjax import report
+from alignjax import parallel, report
 from alignjax.config import dump_yaml, to_dict
 from alignjax.game import keys
 from alignjax.game.loop import LoopConfig, run_loop
@@ -107,7 +107,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     play_step = make_play_step(built.spec)
     # Trace one step abstractly (seconds, no compilation) so a bad combination of settings fails now,
     # not after the initial evaluation.
-    jax.eval_shape(jax.pmap(play_step, axis_name="data", in_axes=(0, 0, None)),
+    jax.eval_shape(jax.pmap(play_step, axis_name=parallel.DATA_AXIS, in_axes=(0, 0, None)),
                    jax.tree.map(lambda x: jnp.asarray(x)[None], built.state),
                    jax.random.PRNGKey(0)[None], built.consts)
     t["built"] = time.perf_counter()

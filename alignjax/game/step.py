@@ -328,5 +328,3 @@ def make_play_step(spec: GameSpec) -> Callable:
 
     return play_step
 
-
-step_key = keys.step_key  # re-exported for callers that drive the step by hand

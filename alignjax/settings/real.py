@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from alignjax import parallel
 from alignjax.eval.diversity import selfbleu_diversity
 from alignjax.eval.refusal import refusal_rate
 from alignjax.game import keys
@@ -79,7 +80,7 @@ class RealSetting:
             ("defender.critic_checkpoint", cfg.defender.critic_checkpoint, "a reward-model folder", False),
             ("attacker.critic_checkpoint", cfg.attacker.critic_checkpoint, "a reward-model folder", False)])
 
-    def build(self, cfg, progress: bool = True, axis_name="data") -> Built:
+    def build(self, cfg, progress: bool = True, axis_name=parallel.DATA_AXIS) -> Built:
         dtype = jnp.bfloat16 if cfg.real.dtype == "bfloat16" else jnp.float32
         if dtype == jnp.bfloat16:
             # Params, and so the Adam updates, live in bf16 (no float32 master copy yet): an update smaller

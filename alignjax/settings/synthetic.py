@@ -15,6 +15,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from alignjax import parallel
 from alignjax.eval.exploitability import exploitability, sample_attacks
 from alignjax.eval.safety import evaluate_attacker, evaluate_defender
 from alignjax.game import keys
@@ -44,7 +45,7 @@ class SyntheticSetting:
             (f"{n}.checkpoint", getattr(cfg, n).checkpoint, "an HF causal-LM folder", False)
             for n in ("defender", "attacker")])
 
-    def build(self, cfg, progress: bool = True, players=None, axis_name="data") -> Built:
+    def build(self, cfg, progress: bool = True, players=None, axis_name=parallel.DATA_AXIS) -> Built:
         """World, SFT'd players (or `players` given; or `<player>.checkpoint` folders), spec, state at
         step 0, consts."""
         world = SyntheticWorld(cfg.world)
