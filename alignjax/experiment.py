@@ -26,13 +26,15 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
 from alignjax import parallel, report
 from alignjax.config import dump_yaml, to_dict
 from alignjax.game import keys
-from alignjax.game.loop import LoopConfig, run_loop
+from alignjax.game import schedule as sched
+from alignjax.game.loop import LoopConfig, run_loop, stack_seeds, unstack_seeds
 from alignjax.game.step import GameConfig, make_play_step
 from alignjax.rewards.embedding import EmbedderConfig
 from alignjax.rl.state import OptimizerConfig
@@ -101,50 +103,155 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     """Run (or resume, when run_dir holds checkpoints) one experiment; returns the results dict."""
     check_config(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
-    setting = get_setting(cfg.setting)
     t = {"start": time.perf_counter()}
+    setting, built, play_step = _build(cfg, progress)
+    t["built"] = time.perf_counter()
+    initial = _evaluate_initial(setting, built, cfg)
+    t["eval0"] = time.perf_counter()
+    members = DefenderMembers(setting, built, cfg, run_dir)
+
+    def on_chunk_end(step, state):
+        members.observe(step, state)
+        return setting.progress(built, state, cfg) if evaluation_due(step, cfg) else None
+
+    final_state = run_loop(play_step, built.state, cfg.loop, run_dir, _metadata(cfg),
+                           on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game")
+    t["game"] = time.perf_counter()
+    return _finish(cfg, run_dir, setting, built, final_state, initial, members, t)
+
+
+def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = True) -> list[dict]:
+    """The seeds of one experiment as one compiled program: configs that differ only in `seed`, their
+    states stacked on a seed axis and the chunk `jax.vmap`-ed over it (game.loop.run_loop(seed_dirs=)).
+    Each run folder gets what `run` writes; the stacked checkpoints live in `group_dir`. Resumes from
+    `group_dir`'s checkpoints. Returns the results of each seed, in order."""
+    for c in cfgs:
+        check_config(c)
+        if dataclasses.replace(c, seed=cfgs[0].seed) != cfgs[0]:
+            raise ValueError("run_seeds: the configs must differ in `seed` only")
+    run_dirs = [pathlib.Path(d) for d in run_dirs]
+    t = {"start": time.perf_counter()}
+    setting, built, play_step = _build(cfgs[0], progress)
+    builts = [built] + [setting.build(c, progress=progress) for c in cfgs[1:]]
+    t["built"] = time.perf_counter()
+    # The initial players and the evaluation key do not depend on the seed: one evaluation serves all.
+    initial = _evaluate_initial(setting, built, cfgs[0])
+    t["eval0"] = time.perf_counter()
+    members = [DefenderMembers(setting, b, c, d) for b, c, d in zip(builts, cfgs, run_dirs, strict=True)]
+
+    def on_chunk_end(step, state):
+        out = []
+        for i, (b, c) in enumerate(zip(builts, cfgs, strict=True)):
+            one = unstack_seeds(state, i)
+            members[i].observe(step, one)
+            out.append(setting.progress(b, one, c) if evaluation_due(step, c) else None)
+        return out
+
+    state = stack_seeds([b.state for b in builts])
+    consts = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[b.consts for b in builts])
+    final = run_loop(play_step, state, cfgs[0].loop, group_dir, _metadata(cfgs[0]), on_chunk_end=on_chunk_end,
+                     consts=consts, desc=pathlib.Path(group_dir).name, seed_dirs=run_dirs)
+    t["game"] = time.perf_counter()
+    return [_finish(c, d, setting, b, unstack_seeds(final, i), initial, m, dict(t), vmapped=len(cfgs))
+            for i, (c, d, b, m) in enumerate(zip(cfgs, run_dirs, builts, members, strict=True))]
+
+
+def _build(cfg: Config, progress: bool):
+    """(setting, built, play_step); traces one step abstractly (seconds, no compilation) so that a bad
+    combination of settings fails now, not after the initial evaluation."""
+    setting = get_setting(cfg.setting)
     built = setting.build(cfg, progress=progress)
     play_step = make_play_step(built.spec)
-    # Trace one step abstractly (seconds, no compilation) so a bad combination of settings fails now,
-    # not after the initial evaluation.
     jax.eval_shape(jax.pmap(play_step, axis_name=parallel.DATA_AXIS, in_axes=(0, 0, None)),
                    jax.tree.map(lambda x: jnp.asarray(x)[None], built.state),
                    jax.random.PRNGKey(0)[None], built.consts)
-    t["built"] = time.perf_counter()
-    eval_key = keys.eval_key(cfg.eval.seed)
+    return setting, built, play_step
+
+
+def _evaluate_initial(setting, built, cfg: Config) -> dict:
     tqdm.write("[alignjax] evaluating the initial players")
-    initial = setting.evaluate(built, built.state.defender_ref, built.state.attacker_ref, eval_key, cfg)
-    t["eval0"] = time.perf_counter()
+    return setting.evaluate(built, built.state.defender_ref, built.state.attacker_ref,
+                            keys.eval_key(cfg.eval.seed), cfg)
 
-    def on_chunk_end(step, state):
-        return setting.progress(built, state, cfg) if evaluation_due(step, cfg) else None
 
-    metadata = {"config": json.loads(json.dumps(to_dict(cfg), default=report.json_default))}
-    final_state = run_loop(play_step, built.state, cfg.loop, run_dir, metadata, on_chunk_end=on_chunk_end,
-                           consts=built.consts, desc=run_dir.parent.name or "game")
-    t["game"] = time.perf_counter()
+def _metadata(cfg: Config) -> dict:
+    return {"config": json.loads(json.dumps(to_dict(cfg), default=report.json_default))}
+
+
+def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, vmapped: int = 0) -> dict:
+    """Final evaluation, the averaged defender, history, export, plots, results.json / results.md."""
+    eval_key = keys.eval_key(cfg.eval.seed)
     tqdm.write("[alignjax] evaluating the final players")
     final = setting.evaluate(built, final_state.defender.policy_params, final_state.attacker.policy_params,
                              eval_key, cfg)
     results = {"initial": initial, "final": final, **setting.extra(built, final_state, eval_key, cfg),
                "history": report.history_summary(cfg, final_state), "data": built.notes}
+    averaged = members.summary(final_state)
+    if averaged is not None:
+        results["averaged"] = averaged
     t["eval1"] = time.perf_counter()
     if cfg.export:
         results["export"] = report.export_players(run_dir, final_state, built.spec, built.tokenizer_dir)
     results["plots"] = [str(p) for p in report.make_plots(run_dir, cfg)]
     t["end"] = time.perf_counter()
+    shared = f" (shared by the {vmapped} vmapped seeds)" if vmapped else ""
     results["timing"] = {
-        "world + initial players (SFT or cache)": t["built"] - t["start"],
-        "initial evaluation": t["eval0"] - t["built"],
-        "game (incl. compile, checkpoints, evaluations)": t["game"] - t["eval0"],
+        "world + initial players (SFT or cache)" + shared: t["built"] - t["start"],
+        "initial evaluation" + shared: t["eval0"] - t["built"],
+        "game (incl. compile, checkpoints, evaluations)" + shared: t["game"] - t["eval0"],
         "final evaluation": t["eval1"] - t["game"],
         "export + plots": t["end"] - t["eval1"],
         "total": t["end"] - t["start"],
     }
+    results["run"] = {"seed": cfg.seed, "vmapped_seeds": vmapped}
     markdown = setting.report(run_dir.parent.name, cfg, results) + report.notes_markdown(results)
     path = report.write_results(run_dir, results, markdown)
     tqdm.write(f"[alignjax] results: {path}")
     return results
+
+
+class DefenderMembers:
+    """The averaged defender of Theorem 3.2: the uniform mixture of the defenders at the end of each
+    defence stage (alternating: every N_def + N_att steps; defend_only / simultaneous: the final one;
+    attack_only: the frozen defender). A member is the defender at the first chunk end in
+    [end of its defence stage, start of the next one]; `setting.member(built, params)` measures it
+    (per-prompt values; None where the setting cannot) and the members go to
+    `run_dir/defender_members.jsonl` (lines at or after a re-run chunk's step are replaced, so a
+    resumed run keeps exactly an uninterrupted run's members). `setting.averaged(members)` turns them
+    into the mixture's metrics."""
+
+    def __init__(self, setting, built, cfg: Config, run_dir: pathlib.Path):
+        self.setting, self.built, self.path = setting, built, pathlib.Path(run_dir) / "defender_members.jsonl"
+        self.enabled = hasattr(setting, "member")
+        total, chunk = cfg.loop.total_steps, cfg.loop.chunk_size
+        ends = sorted({min(c, total) for c in range(chunk, total + chunk, chunk)})
+        segs = [(a, b) for a, b, s in sched.stage_boundaries(total, cfg.game.schedule)
+                if s in (sched.DEFEND, sched.BOTH)] or [(total, total)]
+        self.steps, self.missed = [], []
+        for i, (_, end) in enumerate(segs):
+            nxt = segs[i + 1][0] if i + 1 < len(segs) else total
+            hit = [c for c in ends if end <= c <= nxt]
+            (self.steps.append(hit[0]) if hit else self.missed.append(end))
+
+    def observe(self, step: int, state) -> None:
+        if not self.enabled or step not in self.steps:
+            return
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] < step]
+        row = {"step": step, **self.setting.member(self.built, state.defender.policy_params)}
+        self.path.write_text("".join(ln + "\n" for ln in kept) + json.dumps(row) + "\n")
+
+    def summary(self, final_state) -> dict | None:
+        if not self.enabled:
+            return None
+        rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()] \
+            if self.path.exists() else []
+        if [r["step"] for r in rows] != self.steps:
+            raise RuntimeError(f"{self.path}: members at steps {[r['step'] for r in rows]}, expected "
+                               f"{self.steps}")
+        out = self.setting.averaged(rows)
+        out["member_steps"], out["missed_stage_ends"] = self.steps, self.missed
+        return out
 
 
 def resume_dir(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:

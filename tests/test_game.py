@@ -30,6 +30,7 @@ N_DEV, BATCH, STEPS, CHUNK = 8, 8, 4, 2
 TINY = {
     "seed": 3,
     "world": {"n_harmful_topics": 4, "n_benign_topics": 4, "n_heldout_topics": 1, "n_eval_benign_topics": 1,
+              "seed_set": "train_framings",  # direct seeds alone are 6 prompts here, fewer than a batch
               "n_variants": 1, "n_requests": 1, "hidden_size": 16, "intermediate_size": 32, "num_layers": 1,
               "num_heads": 2, "num_kv_heads": 1},
     "game": {"batch_size": BATCH, "history_capacity": 32,

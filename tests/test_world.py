@@ -1,6 +1,7 @@
 """The synthetic world without players: splits, tokenizer, token-level templates, exact judge, rewards,
 config errors, real-data loader. References are hand-written cases and the raw lexicon strings."""
 
+import dataclasses
 import functools
 import itertools
 import json
@@ -36,7 +37,7 @@ def _has_framing(text, framing):
 
 
 def test_splits_disjoint_and_as_specified(world):
-    splits = ("train", "heldout_framings", "heldout_topics", "benign")
+    splits = ("train", "heldout_framings", "heldout_topics", "benign_validation", "benign")
     texts = {s: _texts(world, s) for s in splits}
     for a, b in itertools.combinations(splits, 2):
         assert not texts[a] & texts[b], (a, b)
@@ -51,13 +52,21 @@ def test_splits_disjoint_and_as_specified(world):
         assert any(_has_framing(t, f) for f in heldout_framings), t
     for t in texts["heldout_topics"]:
         assert sum(topic in t for topic in heldout_topics) == 1, t
-    for t in texts["benign"]:
-        assert any(topic in t for topic in eval_benign) and not any(h in t for h in G.HARMFUL_TOPICS), t
+    for split, topics in (("benign_validation", eval_benign[:3]), ("benign", eval_benign[3:])):
+        for t in texts[split]:
+            assert any(topic in t for topic in topics) and not any(h in t for h in G.HARMFUL_TOPICS), t
     # sizes from the lexicon: 6 training framings x 2 variants x 4 requests x topics
     assert len(texts["train"]) == 6 * 2 * 4 * (12 + 10)
     assert len(texts["heldout_framings"]) == 2 * 2 * 4 * 12
     assert len(texts["heldout_topics"]) == 6 * 2 * 4 * 4
-    assert len(texts["benign"]) == 6 * 2 * 4 * 6
+    assert len(texts["benign"]) == len(texts["benign_validation"]) == 6 * 2 * 4 * 3
+    # the game's seed set D: plain (direct) requests of the training topics, a subset of train
+    seeds = _texts(world, "seeds")
+    assert seeds <= texts["train"] and len(seeds) == 1 * 2 * 4 * (12 + 10)
+    assert all(world.parse(t).framing == "direct" for t in seeds)
+    jail = SyntheticWorld(dataclasses.replace(world.cfg, seed_set="train_framings"))
+    assert _texts(jail, "seeds") == texts["train"]
+    assert jail.cfg.fingerprint() == world.cfg.fingerprint()  # same SFT'd players
     assert len(_texts(world, "all")) == 8 * 2 * 4 * 32
     with pytest.raises(ValueError, match="unknown split"):
         world.prompts("test")

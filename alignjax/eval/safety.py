@@ -42,7 +42,7 @@ from alignjax.eval.exploitability import (
     sample_attacks,
 )
 
-DEFENDER_SPLITS = ("train", "heldout_framings", "heldout_topics", "benign")
+DEFENDER_SPLITS = ("train", "heldout_framings", "heldout_topics", "benign_validation", "benign")
 MODES = ("expected", "greedy", "sample")
 
 

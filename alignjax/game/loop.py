@@ -19,6 +19,12 @@ One chunk = `lax.scan(step_fn)` over K steps inside one `jax.pmap` call; between
     2. call `on_chunk_end(step, state)` (evaluation hooks; extra scalars are logged too);
     3. save the state with `CheckpointStore` (Orbax) under `<run_dir>/checkpoints/<step>`.
 
+Seeds as one program (`seed_dirs`, used by studies): the state carries a leading seed axis on every
+leaf but `step` (shared: all seeds are at the same step, so the stage switch stays a real branch), the
+chunk is `jax.vmap`-ed over that axis inside the pmap, and seed i's metrics go to
+`seed_dirs[i]/metrics.jsonl`. Each seed computes what it would compute alone; the compiled program
+differs, so over a long run the seeds drift from separate runs in the last bits (the game is chaotic).
+
 Resume: `run_loop` on a run folder that holds checkpoints restores the newest one that reads back
 cleanly (a damaged latest step falls back to the previous one with a warning), drops the metric lines
 after it (they belong to a chunk that was not saved) and continues. Since the state holds everything
@@ -87,10 +93,35 @@ def _with_step(state, step):
 
 
 @functools.lru_cache(maxsize=16)
-def pmapped_chunk(step_fn: Callable, length: int, devices: tuple) -> Callable:
+def pmapped_chunk(step_fn: Callable, length: int, devices: tuple,
+                  seed_axis_of: type | None = None) -> Callable:
     """The compiled chunk for (step_fn, length, devices), cached so that several runs in one process
-    (a resumed run, tests) reuse one compilation."""
-    return jax.pmap(make_chunk_fn(step_fn, length), axis_name=AXIS, devices=list(devices), in_axes=(0, None))
+    (a resumed run, tests) reuse one compilation. `seed_axis_of`: the state's NamedTuple type when the
+    state (but `step`) and the consts carry a leading seed axis; the chunk is then vmapped over it."""
+    chunk = make_chunk_fn(step_fn, length)
+    if seed_axis_of is not None:
+        axes = seed_axes(seed_axis_of)
+        chunk = jax.vmap(chunk, in_axes=(axes, 0), out_axes=(axes, 0))
+    return jax.pmap(chunk, axis_name=AXIS, devices=list(devices), in_axes=(0, None))
+
+
+def seed_axes(state_type: type):
+    """vmap axes of a seed-stacked NamedTuple state: 0 on every field but `step` (None: shared)."""
+    return state_type(**{f: None if f == "step" else 0 for f in state_type._fields})
+
+
+def stack_seeds(states: list):
+    """Per-seed states (all at the same step) -> one state with a leading seed axis (but `step`)."""
+    steps = {int(s.step) for s in states}
+    if len(steps) != 1:
+        raise ValueError(f"seed-stacked states must share their step, got {sorted(steps)}")
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
+    return _with_step(stacked, np.asarray(states[0].step))
+
+
+def unstack_seeds(state, i: int):
+    """Seed i's state out of a seed-stacked one."""
+    return _with_step(jax.tree.map(lambda x: x[i], _with_step(state, None)), state.step)
 
 
 def to_host(tree):
@@ -165,6 +196,7 @@ def run_loop(
     before_save: Callable[[int, Any], None] | None = None,
     desc: str = "game",
     consts: Any = None,
+    seed_dirs: list | None = None,
 ):
     """Run (or resume) the chunked loop until `cfg.total_steps`; return the final state (host NumPy).
 
@@ -177,40 +209,54 @@ def run_loop(
         the seed prompts, an embedder's params).
       metadata: JSON-able dict saved with each checkpoint (e.g. the resolved config).
       on_chunk_end: optional `(step, host_state) -> dict` called after each chunk; returned scalars
-        are logged at that step (evaluation of the current players).
+        are logged at that step (evaluation of the current players). With `seed_dirs` it returns a
+        list of dicts, one per seed (or None).
       before_save: test hook `(step, host_state)` called just before a save; raising in it
         simulates a process killed after the chunk ran but before its checkpoint was written.
+      seed_dirs: S folders when `init_state` (a NamedTuple) and `consts` are seed-stacked
+        (`stack_seeds`): the chunk is vmapped over seeds and seed i's metrics go to seed_dirs[i].
     """
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     devices = _devices(cfg)
     store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
     state, start = _restore_or_init(store, to_host(init_state))
-    log = MetricLog(run_dir, start, cfg.tensorboard)
+    log_dirs = [pathlib.Path(d) for d in seed_dirs] if seed_dirs is not None else [run_dir]
+    for d in log_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    logs = [MetricLog(d, start, cfg.tensorboard) for d in log_dirs]
+    seed_axis_of = type(init_state) if seed_dirs is not None else None
     consts = jax.tree.map(np.asarray, consts)
     bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
     try:
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
-            state, records = _run_chunk(step_fn, state, consts, length, devices, cfg.check_replicas)
+            state, per_seed = _run_chunk(step_fn, state, consts, length, devices, cfg.check_replicas,
+                                         seed_axis_of)
             seconds, start = time.perf_counter() - t0, start + length
-            for record in records:
-                log.write(record | {"time/step_s": seconds / length})
-            _stop_on_nonfinite(records, store)
+            for log, records in zip(logs, per_seed, strict=True):
+                for record in records:
+                    log.write(record | {"time/step_s": seconds / length})
+            _stop_on_nonfinite([r for records in per_seed for r in records], store)
             extra = on_chunk_end(start, state) if on_chunk_end is not None else None
-            if extra:
-                _stop_on_nonfinite([{"step": start - 1} | extra], store)
-                log.write({"step": start - 1} | extra)
-            log.flush()
+            extras = extra if seed_dirs is not None else [extra]
+            for log, ex in zip(logs, extras or [None] * len(logs), strict=True):
+                if ex:
+                    _stop_on_nonfinite([{"step": start - 1} | ex], store)
+                    log.write({"step": start - 1} | ex)
+            for log in logs:
+                log.flush()
             if before_save is not None:
                 before_save(start, state)
             store.save(start, state, metadata)
             bar.update(length)
-            bar.set_postfix({k: f"{float(records[-1][k]):.3g}" for k in _postfix_keys(records[-1])})
+            last = per_seed[0][-1]
+            bar.set_postfix({k: f"{float(last[k]):.3g}" for k in _postfix_keys(last)})
     finally:
         bar.close()
-        log.close()
+        for log in logs:
+            log.close()
         store.close()
     return state
 
@@ -238,17 +284,23 @@ def _restore_or_init(store: CheckpointStore, init_state) -> tuple[Any, int]:
     return state, start
 
 
-def _run_chunk(step_fn, state, consts, length: int, devices: tuple, check_replicas: bool):
-    """One pmapped chunk from a host state: (new host state, the steps' selected metric records)."""
+def _run_chunk(step_fn, state, consts, length: int, devices: tuple, check_replicas: bool,
+               seed_axis_of: type | None = None):
+    """One pmapped chunk from a host state: (new host state, [per seed: the steps' selected metric
+    records]); one seed unless `seed_axis_of` (the state type of a seed-stacked state)."""
     # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
     # cache on input shardings, so feeding back its own device outputs would compile the
     # chunk a second time; the state is fetched to the host after every chunk anyway (save).
-    state_r, metrics = pmapped_chunk(step_fn, length, devices)(replicate(state, len(devices)), consts)
+    chunk = pmapped_chunk(step_fn, length, devices, seed_axis_of)
+    state_r, metrics = chunk(replicate(state, len(devices)), consts)
     if check_replicas and not all_equal_across_devices(state_r):
         raise RuntimeError(f"game state diverged across devices in the chunk ending at step "
                            f"{int(np.asarray(state_r.step)[0])}")
     metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
-    records = [game_metrics.select({k: v[i] for k, v in metrics.items()}) for i in range(length)]
+    per_seed = [metrics] if seed_axis_of is None else [
+        {k: v[i] for k, v in metrics.items()} for i in range(len(next(iter(metrics.values()))))]
+    records = [[game_metrics.select({k: v[t] for k, v in m.items()}) for t in range(length)]
+               for m in per_seed]
     return unreplicate(state_r), records
 
 

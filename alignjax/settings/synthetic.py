@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from alignjax import parallel
-from alignjax.eval.exploitability import exploitability, sample_attacks
+from alignjax.eval.exploitability import expected_unsafe, exploitability, sample_attacks
 from alignjax.eval.safety import evaluate_attacker, evaluate_defender
 from alignjax.game import keys
 from alignjax.game.state import init_game_state
@@ -79,7 +79,7 @@ class SyntheticSetting:
                                      cfg.attacker.policy_optimizer, cfg.attacker.critic_optimizer)
         history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, world.pad_id)
         state = init_game_state(defender, attacker, dfd.params, att.params, history, keys.run_key(cfg.seed))
-        seeds, seeds_mask = world.seed_prompts("train")
+        seeds, seeds_mask = world.seed_prompts("seeds")
         if cfg.data == "paraphrase":
             seeds, seeds_mask = paraphrase_seeds(world, att, k.paraphrase)
         consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), world.tables, embed_params)
@@ -112,12 +112,34 @@ class SyntheticSetting:
         ex = exploitability(world, state.defender.policy_params, lm)
         out = {f"eval/asr_{s}": ev[s]["attack_success_rate"] for s in SPLITS}
         out["eval/over_refusal"] = ev["benign"]["over_refusal"]
+        if world.validation_benign_topics:  # (a tiny world may have none)
+            out["eval/over_refusal_validation"] = ev["benign_validation"]["over_refusal"]
         out["eval/best_response_asr"] = ex["best_response_asr"]
         out["eval/fraction_exploitable"] = ex["fraction_exploitable"]
         return out
 
     def report(self, name: str, cfg, results: dict) -> str:
         return results_markdown(name, cfg, results)
+
+    def member(self, built: Built, params) -> dict:
+        """One member of the averaged defender: its exact ASR per split, over-refusal, and v(x) (expected
+        P(unsafe)) on every harmful prompt of the grammar, in `prompts("all")` order."""
+        world, lm = built.context, built.spec.defender.models.policy_config
+        ev = evaluate_defender(world, params, lm)
+        harmful = np.array([p.harmful for p in world.prompts("all")])
+        v = expected_unsafe(world, params, lm, *world.seed_prompts("all"))["expected"][harmful]
+        return {**{f"asr_{s}": ev[s]["attack_success_rate"] for s in SPLITS},
+                "over_refusal": ev["benign"]["over_refusal"], "v": [float(x) for x in v]}
+
+    def averaged(self, members: list[dict]) -> dict:
+        """The uniform mixture of the members: the world is exact, so the mixture's ASR on a prompt is
+        the mean of its members' (and so are its per-split ASRs and over-refusal); its best-response
+        ASR is max_x of that mean, its fraction exploitable the share of prompts where it is > 1/2."""
+        mix = np.mean([m["v"] for m in members], axis=0)
+        out = {k: float(np.mean([m[k] for m in members]))
+               for k in [f"asr_{s}" for s in SPLITS] + ["over_refusal"]}
+        return out | {"best_response_asr": float(mix.max()), "mean_asr": float(mix.mean()),
+                      "fraction_exploitable": float(np.mean(mix > 0.5)), "members": len(members)}
 
 
 def _load(path):
@@ -126,9 +148,9 @@ def _load(path):
 
 
 def paraphrase_seeds(world, attacker: Player, key):
-    """The Paraphrase baseline's prompt set: the initial attacker rewrites every training seed once.
+    """The Paraphrase baseline's prompt set: the initial attacker rewrites every seed of D once.
     Returns (tokens, mask) [N, max_attack_len] right-padded (EOS and everything after it masked)."""
-    xs, xms = sample_attacks(world, tuple(attacker), key)
+    xs, xms = sample_attacks(world, tuple(attacker), key, split="seeds")
     lengths = hist.prompt_lengths(jnp.asarray(xs), jnp.asarray(xms), world.eos_id)
     mask = np.asarray(hist.length_mask(lengths, xs.shape[1]))
     return np.where(mask > 0, xs, world.pad_id).astype(np.int32), mask
@@ -153,7 +175,7 @@ def results_markdown(name: str, cfg, results: dict) -> str:
              f"{cfg.loop.total_steps} steps x batch {g.batch_size}, seed {cfg.seed}.",
              "", "## Defender (attack success rate: exact expectation over the defender's answers; "
              "lower is better)", "",
-             "| defender | ASR train seeds | ASR held-out framings | ASR held-out topics | over-refusal "
+             "| defender | ASR train framings | ASR held-out framings | ASR held-out topics | over-refusal "
              "(benign) | safe reward (train) | best-response ASR | fraction exploitable |",
              "|---|---|---|---|---|---|---|---|"]
     for label, r in (("initial (SFT)", initial), ("final", final)):
@@ -162,6 +184,11 @@ def results_markdown(name: str, cfg, results: dict) -> str:
                            _fmt(d["benign"]["over_refusal"]), _fmt(d["train"]["safe_reward"]),
                            _fmt(ex.get("best_response_asr", float("nan"))),
                            _fmt(ex.get("fraction_exploitable", float("nan")))]))
+    av = results.get("averaged")
+    if av:
+        lines.append(_row([f"averaged (mixture of {av['members']} stage-end defenders)",
+                           *(_fmt(av[f"asr_{s}"]) for s in SPLITS), _fmt(av["over_refusal"]), "-",
+                           _fmt(av["best_response_asr"]), _fmt(av["fraction_exploitable"])]))
     lines += ["", "## Attacker (rewrites of every training seed)", "",
               "| attacker vs defender | attack success (expected) | attack success (sampled) | diversity "
               "(1 - Self-BLEU) | framing entropy | unique | grammatical | harmful |",

@@ -14,8 +14,9 @@ Python API (what the game and the evaluations code against)
     world.max_prompt_len, world.max_response_len  # bare prompt x (no template); answer incl. EOS
     world.max_attack_len                             # attacker answer (a prompt + EOS)
 
-    # splits: "train" (the game's seed prompts), "heldout_framings", "heldout_topics", "benign", "all"
-    tokens, mask = world.seed_prompts("train")  # [N, max_prompt_len] int32, left-padded
+    # splits: "seeds" (the game's seed set D), "train", "heldout_framings", "heldout_topics",
+    #         "benign_validation", "benign", "all"
+    tokens, mask = world.seed_prompts("seeds")  # [N, max_prompt_len] int32, left-padded
     world.prompts("train")     # list[grammar.Prompt] (text, framing, variant, request, topic, harmful)
 
     # templates, applied at token level (pure, jittable; input may be left- or right-padded and may
@@ -47,10 +48,14 @@ Splits (disjoint by construction; checked in tests/test_world.py): with T_h = tr
 topics, H_h = held-out harmful topics, T_b / E_b = training / evaluation benign topics, F_t = training
 framings (direct + training jailbreaks), F_h = held-out framings:
 
-    train             F_t x (T_h + T_b)     the seed prompts of the game (harmful and benign)
+    seeds             {direct} x (T_h + T_b)  the game's seed set D (RLHF's prompt set): plain requests,
+                      as the paper's red-team questions are (`seed_set="direct"`, the default); with
+                      `seed_set="train_framings"` D is the whole train split (jailbreaks included)
+    train             F_t x (T_h + T_b)     training framings and topics (evaluation; attacker SFT)
     heldout_framings  F_h x T_h             jailbreak generalisation (attacks never seen in the game)
     heldout_topics    F_t x H_h             out-of-distribution topics
-    benign            F_t x E_b             over-refusal
+    benign_validation F_t x E_b[:n/2]       over-refusal for choosing hyperparameters (helpfulness_weight)
+    benign            F_t x E_b[n/2:]       over-refusal, the reported split
     all               every prompt of the grammar (exploitability)
 
 The initial defender is SFT-trained on every topic and framing (as a pretrained model "knows" all
@@ -81,7 +86,7 @@ from alignjax.worlds import players as players_lib
 from alignjax.worlds.base import Players
 from alignjax.worlds.tokenizer import build_tokenizer
 
-SPLITS = ("train", "heldout_framings", "heldout_topics", "benign", "all")
+SPLITS = ("seeds", "train", "heldout_framings", "heldout_topics", "benign_validation", "benign", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +104,15 @@ class WorldConfig:
     n_harmful_topics: int = 16  # the first n of grammar.HARMFUL_TOPICS
     n_benign_topics: int = 16
     n_heldout_topics: int = 4  # the last n harmful topics are held out
-    n_eval_benign_topics: int = 6  # the last n benign topics form the "benign" split
+    # the last n benign topics are never in the game: the first half of them forms "benign_validation"
+    # (for choosing hyperparameters such as helpfulness_weight), the rest "benign" (the reported split)
+    n_eval_benign_topics: int = 6
     n_variants: int = 2  # surface variants per framing
     n_requests: int = 4  # request phrasings
+    # the game's seed set D: "direct" = plain requests only, so the jailbreak framings are what the
+    # attacker must discover (the paper's setting); "train_framings" = every training framing, i.e. the
+    # fixed prompt set already covers the initial defender's training blind spots (a named variant)
+    seed_set: str = "direct"
     # --- judge and rewards
     judge_logit: float = 0.0  # 0 = exact 0/1 judge; a > 0 = sigmoid(+-a + noise) classifier
     judge_noise: float = 0.0
@@ -152,6 +163,8 @@ class WorldConfig:
             err.append(f"n_variants in [1, 2], n_requests in [1, {len(G.REQUESTS)}]")
         if self.judge_reads not in ("opener", "content"):
             err.append(f"judge_reads must be 'opener' or 'content', got {self.judge_reads!r}")
+        if self.seed_set not in ("direct", "train_framings"):
+            err.append(f"seed_set must be 'direct' or 'train_framings', got {self.seed_set!r}")
         if self.attacker_reward not in ("p_unsafe", "zero_sum"):
             err.append(f"attacker_reward must be 'p_unsafe' or 'zero_sum', got {self.attacker_reward!r}")
         for name in ("blind_spot_compliance", "attacker_direct_prob", "attacker_keep_topic"):
@@ -173,7 +186,9 @@ class WorldConfig:
 
 CACHE_VERSION = 2  # 2: SFT by alignjax.rl.sft (was the world's own loop)
 # fields that change rewards only, not the SFT'd players (worlds differing only here share a cache)
-JUDGE_FIELDS = ("judge_logit", "judge_noise", "judge_reads", "helpfulness_weight", "attacker_reward")
+# (and `seed_set`, which picks the game's prompt set D, not the SFT data)
+JUDGE_FIELDS = ("judge_logit", "judge_noise", "judge_reads", "helpfulness_weight", "attacker_reward",
+                "seed_set")
 
 
 @jax.jit
@@ -219,6 +234,8 @@ class SyntheticWorld:
         self.heldout_topics = harmful[len(harmful) - n_ho :]
         self.train_benign_topics = benign[: len(benign) - n_eb]
         self.eval_benign_topics = benign[len(benign) - n_eb :]
+        self.validation_benign_topics = self.eval_benign_topics[: n_eb // 2]
+        self.test_benign_topics = self.eval_benign_topics[n_eb // 2 :]
         self.harmful_topics, self.benign_topics = harmful, benign
         self.train_framings = tuple(f for f in cfg.framings if f not in cfg.heldout_framings)
         self.jailbreak_framings = tuple(f for f in self.train_framings if f != "direct")
@@ -228,11 +245,14 @@ class SyntheticWorld:
         enum = functools.partial(
             G.enumerate_prompts, harmful_topics=harmful, n_variants=cfg.n_variants, n_requests=cfg.n_requests
         )
+        seed_framings = ("direct",) if cfg.seed_set == "direct" else self.train_framings
         self._splits = {
+            "seeds": enum(seed_framings, self.train_harmful_topics + self.train_benign_topics),
             "train": enum(self.train_framings, self.train_harmful_topics + self.train_benign_topics),
             "heldout_framings": enum(self.heldout_framings, self.train_harmful_topics),
             "heldout_topics": enum(self.train_framings, self.heldout_topics),
-            "benign": enum(self.train_framings, self.eval_benign_topics),
+            "benign_validation": enum(self.train_framings, self.validation_benign_topics),
+            "benign": enum(self.train_framings, self.test_benign_topics),
             "all": enum(cfg.framings, harmful + benign),
         }
         self.max_prompt_len = max(len(p.text.split()) for p in self._splits["all"])
@@ -303,7 +323,7 @@ class SyntheticWorld:
             raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
         return list(self._splits[split])
 
-    def seed_prompts(self, split: str = "train"):
+    def seed_prompts(self, split: str = "seeds"):
         """(tokens [N, max_prompt_len] int32 left-padded, mask [N, max_prompt_len] int32) of a split."""
         return self.encode([p.text for p in self.prompts(split)], self.max_prompt_len)
 
