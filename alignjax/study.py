@@ -35,6 +35,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import time
 import traceback
 from typing import Any, Literal
@@ -75,6 +76,9 @@ TABLES = {
                  "avg_asr_heldout_framings"),
     "attacker": ("attacker_asr_vs_initial", "attacker_diversity", "attacker_framing_entropy",
                  "attacker_grammatical"),
+    # choosing a hyperparameter: the validation split only (disjoint from every reported split) and
+    # the training framings' ASR (the game's own training distribution)
+    "selection": ("over_refusal_validation", "asr_train"),
 }
 CURVES = ("attack_success", "eval/best_response_asr", "eval/over_refusal")
 
@@ -104,7 +108,7 @@ class Claim:
 @dataclasses.dataclass(frozen=True)
 class Config:
     title: str = "study"
-    table: Literal["defender", "attacker"] = "defender"
+    table: Literal["defender", "attacker", "selection"] = "defender"
     arms: tuple[Arm, ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 0  # game steps per cell (0 = each experiment's own loop.total_steps)
@@ -113,6 +117,9 @@ class Config:
     confidence: float = 0.95
     n_resamples: int = stats.DEFAULT_RESAMPLES
     resume: str = ""  # an earlier study folder: finished cells are skipped, unfinished ones resume
+    # earlier study folders: a cell whose resolved config equals a finished cell's there is copied, not
+    # run again (e.g. Table 2's GPO arms are Table 1's cells)
+    reuse: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -185,6 +192,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     for c in cells:
         c.dir.mkdir(parents=True, exist_ok=True)
         (c.dir / "config.yaml").write_text(dump_yaml(c.cfg))
+    reused = _reuse(cfg, cells)
     groups = _groups(cfg, cells)
     todo = [g for g in groups if not all(_finished(c) for c in g)]
     tqdm.write(f"[alignjax] study {cfg.title}: {len(cells)} cells, {len(cells) - sum(map(len, todo))} "
@@ -209,13 +217,31 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
             tqdm.write(f"[alignjax] study: {names} failed: {type(e).__name__}: {e}")
         bar.update(len(group))
     bar.close()
-    summary = summarize_study(cfg, cells, ran)
+    summary = summarize_study(cfg, cells, ran | reused)
     summary["wall_s"] = {**(_previous_wall(study_dir)), datetime.datetime.now().isoformat(timespec="seconds"):
                          round(time.perf_counter() - t0, 1)}
     summary["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     write_study(study_dir, summary)
     tqdm.write(f"[alignjax] study: {study_dir / 'study.md'}")
     return summary
+
+
+def _reuse(cfg: Config, cells: list[Cell]) -> dict:
+    """Copy finished cells with the same resolved config from `cfg.reuse` folders; {arm: "reused ..."}."""
+    found: dict = {}
+    for folder in map(pathlib.Path, cfg.reuse):
+        if not (folder / "cells").is_dir():
+            raise FileNotFoundError(f"reuse={str(folder)!r}: {folder / 'cells'} does not exist")
+        for d in sorted((folder / "cells").iterdir()):
+            if (d / "results.json").is_file() and (d / "config.yaml").is_file():
+                found.setdefault((d / "config.yaml").read_text(), d)
+    out = {}
+    for c in cells:
+        src = found.get((c.dir / "config.yaml").read_text())
+        if src is not None and not _finished(c):
+            shutil.copytree(src, c.dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
+            out[c.arm] = f"reused from {src.parent.parent}"
+    return out
 
 
 def _previous_wall(study_dir: pathlib.Path) -> dict:

@@ -139,3 +139,16 @@ def test_readme_tables_are_the_committed_summaries_rendered(name):
     for claim in summary["claims"]:
         assert claim["difference"]["verdict"] == study.stats.verdict(
             claim["difference"]["ci"], claim["better"] == "lower")
+
+
+def test_reuse_copies_cells_with_the_same_config(tmp_path, monkeypatch):
+    calls = []
+    _fake_runners(monkeypatch, calls)
+    study.run(_cfg(seeds=[0, 1]), tmp_path / "first", progress=False)
+    calls.clear()
+    cfg = _cfg(seeds=[0, 1, 2], reuse=[str(tmp_path / "first")])
+    summary = study.run(cfg, tmp_path / "second", progress=False)
+    assert calls == [("separate", ["a-s2"]), ("separate", ["b-s2"])]  # seeds 0, 1 copied
+    assert summary["arms"]["a"]["metrics"]["asr_train"]["n"] == 3
+    with pytest.raises(FileNotFoundError, match="reuse"):
+        study.run(_cfg(reuse=[str(tmp_path / "nowhere")]), tmp_path / "third", progress=False)

@@ -71,5 +71,8 @@ def test_vmapped_seeds_equal_separate_runs_within_1e6(runs):
     np.testing.assert_allclose([rb[k] for k in ra], [ra[k] for k in ra], rtol=0, atol=1e-6)
     res = json.loads((runs / "vm1" / "r" / "results.json").read_text())
     assert res["run"] == {"seed": 1, "vmapped_seeds": 2} and res["averaged"]["member_steps"] == [1]
+    env = res["environment"]  # where it ran (alignjax.backend.describe)
+    assert env["backend"] == "cpu" and env["local_device_count"] >= 2 and env["process_count"] == 1
+    assert env["jax"] and env["jaxlib"] and env["accelerator_present"] == "cpu"
     # the other seed really is another game (its own critic init and keys)
     assert _metrics(runs / "vm1" / "r") != vm
