@@ -7,8 +7,12 @@
 
     validate -> build -> evaluate the initial players -> play the game (game.loop.run_loop: chunks of
     lax.scan-ed steps under jax.pmap, an Orbax checkpoint after each, exact resume; the setting's
-    progress evaluation every `eval.every_chunks` chunks) -> evaluate the final players -> report
-    (results.json, results.md, plots, HF export of both final policies)
+    progress evaluation every `eval.every_chunks` chunks) -> evaluate the final players and the
+    averaged defender (`DefenderMembers`) -> report (results.json, results.md, plots, HF export of
+    both final policies; results.json also says where the run ran: alignjax/backend.py)
+
+`run_seeds(cfgs, run_dirs, group_dir)` is the same pipeline for the seeds of one experiment as one
+vmapped program (what studies use, alignjax/study.py).
 
 Baselines are configurations of the same step (see experiments/*.yaml): RLHF = defend_only on the
 seed prompts; RLHF attacker = attack_only against the frozen defender (k = 0 or k > 0); Paraphrase =
@@ -199,7 +203,7 @@ def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, envi
                              eval_key, cfg)
     results = {"initial": initial, "final": final, **setting.extra(built, final_state, eval_key, cfg),
                "history": report.history_summary(cfg, final_state), "data": built.notes}
-    averaged = members.summary(final_state)
+    averaged = members.summary()
     if averaged is not None:
         results["averaged"] = averaged
     t["eval1"] = time.perf_counter()
@@ -255,7 +259,7 @@ class DefenderMembers:
         row = {"step": step, **self.setting.member(self.built, state.defender.policy_params)}
         self.path.write_text("".join(ln + "\n" for ln in kept) + json.dumps(row) + "\n")
 
-    def summary(self, final_state) -> dict | None:
+    def summary(self) -> dict | None:
         if not self.enabled:
             return None
         rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()] \
