@@ -250,6 +250,10 @@ class DefenderMembers:
             nxt = segs[i + 1][0] if i + 1 < len(segs) else total
             hit = [c for c in ends if end <= c <= nxt]
             (self.steps.append(hit[0]) if hit else self.missed.append(end))
+        if self.enabled and self.missed:
+            tqdm.write(f"[alignjax] averaged defender: no chunk end between the defence stages ending at "
+                       f"steps {self.missed} and the next defence stage; those stages are left out (choose "
+                       "loop.chunk_size dividing n_def + n_att to keep them)")
 
     def observe(self, step: int, state) -> None:
         if not self.enabled or step not in self.steps:
@@ -264,9 +268,10 @@ class DefenderMembers:
             return None
         rows = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()] \
             if self.path.exists() else []
-        if [r["step"] for r in rows] != self.steps:
-            raise RuntimeError(f"{self.path}: members at steps {[r['step'] for r in rows]}, expected "
-                               f"{self.steps}")
+        if [r["step"] for r in rows] != self.steps:  # e.g. a run resumed from a folder made before them
+            tqdm.write(f"[alignjax] averaged defender left out: {self.path} holds members at steps "
+                       f"{[r['step'] for r in rows]}, the schedule needs {self.steps}")
+            return None
         out = self.setting.averaged(rows)
         out["member_steps"], out["missed_stage_ends"] = self.steps, self.missed
         return out

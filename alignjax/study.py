@@ -116,6 +116,7 @@ class Config:
     vmap: bool = True  # synthetic arms: the seeds as one vmapped program
     confidence: float = 0.95
     n_resamples: int = stats.DEFAULT_RESAMPLES
+    min_seeds: int = 5  # paired seeds a claim needs before it gets a verdict other than inconclusive
     resume: str = ""  # an earlier study folder: finished cells are skipped, unfinished ones resume
     # earlier study folders: a cell whose resolved config equals a finished cell's there is copied, not
     # run again (e.g. Table 2's GPO arms are Table 1's cells)
@@ -191,33 +192,33 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     for c in cells:
         c.dir.mkdir(parents=True, exist_ok=True)
-        (c.dir / "config.yaml").write_text(dump_yaml(c.cfg))
-    reused = _reuse(cfg, cells)
+        _write_cell_config(c)
+    how = _previous_how(study_dir) | _reuse(cfg, cells)  # cell name -> vmapped / separate / reused from ...
     groups = _groups(cfg, cells)
     todo = [g for g in groups if not all(_finished(c) for c in g)]
     tqdm.write(f"[alignjax] study {cfg.title}: {len(cells)} cells, {len(cells) - sum(map(len, todo))} "
                f"finished, {len(todo)} program(s) to run")
-    ran = {}
     bar = tqdm(total=len(cells), initial=len(cells) - sum(map(len, todo)), desc=cfg.title, unit="cell",
                dynamic_ncols=True)
     for group in todo:
-        vmapped = len(group) > 1
-        ran[group[0].arm] = "vmapped" if vmapped else "separate"
-        try:
-            if vmapped:
-                seeds = "-".join(str(c.seed) for c in group)
-                experiment.run_seeds([c.cfg for c in group], [c.dir for c in group],
-                                     study_dir / "groups" / f"{group[0].arm}-s{seeds}", progress=progress)
-            else:
-                experiment.run(group[0].cfg, group[0].dir, progress=progress)
-        except Exception as e:  # a crashed cell is a result: recorded, and the study goes on
-            for c in group:
-                (c.dir / "FAILED.txt").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
-            names = ", ".join(c.name for c in group)
-            tqdm.write(f"[alignjax] study: {names} failed: {type(e).__name__}: {e}")
+        if len(group) > 1:
+            seeds = "-".join(str(c.seed) for c in group)
+            ok = _attempt(group, lambda g=group, sd=seeds: experiment.run_seeds(
+                [c.cfg for c in g], [c.dir for c in g], study_dir / "groups" / f"{g[0].arm}-s{sd}",
+                progress=progress))
+            how.update({c.name: "vmapped" for c in group})
+            if not ok:  # one seed's failure (a NaN, say) must not cost the others: run them one by one
+                for c in group:
+                    if not _finished(c):
+                        tqdm.write(f"[alignjax] study: running {c.name} on its own")
+                        _attempt([c], lambda c=c: experiment.run(c.cfg, c.dir, progress=progress))
+                        how[c.name] = "separate (after its vmapped group failed)"
+        else:
+            _attempt(group, lambda c=group[0]: experiment.run(c.cfg, c.dir, progress=progress))
+            how[group[0].name] = "separate"
         bar.update(len(group))
     bar.close()
-    summary = summarize_study(cfg, cells, ran | reused)
+    summary = summarize_study(cfg, cells, how)
     summary["wall_s"] = {**(_previous_wall(study_dir)), datetime.datetime.now().isoformat(timespec="seconds"):
                          round(time.perf_counter() - t0, 1)}
     summary["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -226,8 +227,38 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     return summary
 
 
+def _write_cell_config(cell: Cell) -> None:
+    """The cell's config.yaml; a resumed study must not change a cell's config under its results."""
+    path, text = cell.dir / "config.yaml", dump_yaml(cell.cfg)
+    if path.exists() and path.read_text() != text and any(cell.dir.iterdir()) and (
+            _finished(cell) or (cell.dir / "metrics.jsonl").exists()):
+        raise ConfigError(f"study cell {cell.name}: its config differs from the one in {path} (changed "
+                          "steps, overrides or experiment files?); start a new study instead of resuming")
+    path.write_text(text)
+
+
+def _attempt(cells: list[Cell], fn) -> bool:
+    """Run fn; on an exception record it in each unfinished cell's FAILED.txt (a crash is a result and
+    the study goes on). A finished cell loses any FAILED.txt of an earlier attempt."""
+    try:
+        fn()
+        ok = True
+    except Exception as e:
+        ok = False
+        names = ", ".join(c.name for c in cells if not _finished(c))
+        tqdm.write(f"[alignjax] study: {names} failed: {type(e).__name__}: {e}")
+        for c in cells:
+            if not _finished(c):
+                (c.dir / "FAILED.txt").write_text(f"{type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+    for c in cells:
+        if _finished(c) and (c.dir / "FAILED.txt").exists():
+            (c.dir / "FAILED.txt").unlink()
+    return ok
+
+
 def _reuse(cfg: Config, cells: list[Cell]) -> dict:
-    """Copy finished cells with the same resolved config from `cfg.reuse` folders; {arm: "reused ..."}."""
+    """Copy finished cells with the same resolved config from `cfg.reuse` folders (an unfinished cell's
+    own files are replaced); {cell name: "reused from <study>"}."""
     found: dict = {}
     for folder in map(pathlib.Path, cfg.reuse):
         if not (folder / "cells").is_dir():
@@ -239,9 +270,18 @@ def _reuse(cfg: Config, cells: list[Cell]) -> dict:
     for c in cells:
         src = found.get((c.dir / "config.yaml").read_text())
         if src is not None and not _finished(c):
-            shutil.copytree(src, c.dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoints"))
-            out[c.arm] = f"reused from {src.parent.parent}"
+            shutil.rmtree(c.dir)
+            shutil.copytree(src, c.dir, ignore=shutil.ignore_patterns("checkpoints"))
+            out[c.name] = f"reused from {src.parent.parent}"
     return out
+
+
+def _previous_how(study_dir: pathlib.Path) -> dict:
+    """How each cell ran in earlier invocations of this study (from its study.json)."""
+    path = study_dir / "study.json"
+    arms = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
+    return {f"{name}-s{seed}": h for name, arm in arms.items() if isinstance(arm.get("ran"), dict)
+            for seed, h in arm["ran"].items()}
 
 
 def _previous_wall(study_dir: pathlib.Path) -> dict:
@@ -289,7 +329,7 @@ def cell_values(cell_dir: pathlib.Path) -> tuple[dict, dict]:
     return values, curves
 
 
-def summarize_study(cfg: Config, cells: list[Cell], ran: dict | None = None) -> dict:
+def summarize_study(cfg: Config, cells: list[Cell], how: dict | None = None) -> dict:
     """study.json: per cell its status and values, per arm and metric the per-seed values with mean,
     CI and n (of n asked), the claims with paired differences and verdicts, the curves."""
     ci = dict(confidence=cfg.confidence, n_resamples=cfg.n_resamples)
@@ -316,13 +356,13 @@ def summarize_study(cfg: Config, cells: list[Cell], ran: dict | None = None) -> 
             agg[m] = s | {"n_asked": len(cfg.seeds), "by_seed": {str(k): v for k, v in by_seed.items()}}
         arms[a.name] = {"experiment": a.experiment, "overrides": a.overrides, "description": a.description,
                         "metrics": agg, "failed": {str(k): v for k, v in info["failed"].items()},
-                        "ran": (ran or {}).get(a.name, "earlier"),
+                        "ran": {str(c.seed): (how or {}).get(c.name, "-") for c in cells if c.arm == a.name},
                         "curves": {k: {str(s): v for s, v in c.items()} for k, c in info["curves"].items()}}
     claims = []
     for c in cfg.claims:
         lower = METRICS[c.metric][1] == "lower"
         d = stats.paired_difference(per_arm[c.a]["values"][c.metric], per_arm[c.b]["values"][c.metric],
-                                    lower, **ci)
+                                    lower, min_n=cfg.min_seeds, **ci)
         claims.append(dataclasses.asdict(c) | {"better": "lower" if lower else "higher", "difference": d,
                                                "n_asked": len(cfg.seeds)})
     return {"title": cfg.title, "table": cfg.table, "seeds": list(cfg.seeds), "steps": cfg.steps,
@@ -377,19 +417,25 @@ def render_markdown(summary: dict, heading: str = "#") -> str:
         by = arm["metrics"][head]["by_seed"]
         row = [_fmt(by[str(s)]) if str(s) in by else ("failed" if str(s) in arm["failed"] else "-")
                for s in seeds]
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {arm['ran']} |")
+        ran = arm["ran"] if isinstance(arm["ran"], str) else ", ".join(sorted(set(arm["ran"].values())))
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {ran} |")
     if summary["claims"]:
+        min_n = summary["claims"][0]["difference"].get("min_n", 2)
         lines += ["", "Claims of the paper, as hypotheses: the paired difference a - b over the seeds both "
-                  f"finished, its {conf}% CI, rliable's probability of improvement P(a better than b), and "
-                  "the verdict computed from the CI (supported: the CI excludes 0 on the claimed side; "
-                  "contradicted: it excludes 0 on the other side; otherwise inconclusive).", "",
-                  "| claim | metric | a - b [CI] | P(a better) | n | verdict |", "|---|---|---|---|---|---|"]
+                  f"finished, its {conf}% CI, rliable's probability of improvement P(a better than b), the "
+                  "exact sign-flip permutation p-value of the mean difference, and the verdict computed "
+                  "from the CI (supported: the CI excludes 0 on the claimed side; contradicted: it excludes "
+                  f"0 on the other side; otherwise, or with fewer than {min_n} paired seeds, inconclusive). "
+                  "The percentile CI is narrow with few seeds; the p-value says how strong a claim is.", "",
+                  "| claim | metric | a - b [CI] | P(a better) | p | n | verdict |",
+                  "|---|---|---|---|---|---|---|"]
         for c in summary["claims"]:
             d = c["difference"]
             ci = f"[{_fmt(d['ci'][0])}, {_fmt(d['ci'][1])}]" if np.isfinite(d["ci"][0]) else ""
             lines.append(f"| {c['name']}: {c['a']} {'<' if c['better'] == 'lower' else '>'} {c['b']} | "
                          f"{METRICS[c['metric']][2]} | {_fmt(d['mean'])} {ci} | {_fmt(d['p_improvement'])} | "
-                         f"{d['n']}/{c['n_asked']} | **{d['verdict']}** |")
+                         f"{_fmt(d.get('p_value', math.nan))} | {d['n']}/{c['n_asked']} | "
+                         f"**{d['verdict']}** |")
     failed = [(n, s, e) for n, a in summary["arms"].items() for s, e in a["failed"].items()]
     if failed:
         lines += ["", "Cells without results: " + "; ".join(f"{n}-s{s}: {e}" for n, s, e in failed)]

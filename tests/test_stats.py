@@ -51,14 +51,14 @@ def test_probability_of_improvement_is_mann_whitney_u_over_nm(lower):
 def test_paired_difference_uses_common_seeds_and_judges_the_ci():
     a = {0: 0.1, 1: 0.2, 2: 0.15, 3: 0.12, 4: np.nan}
     b = {0: 0.9, 1: 0.8, 2: 0.85, 3: 0.95, 5: 0.7}
-    d = stats.paired_difference(a, b, lower_is_better=True)
+    d = stats.paired_difference(a, b, lower_is_better=True, min_n=4)
     assert d["seeds"] == [0, 1, 2, 3] and d["n"] == 4
     assert d["mean"] == pytest.approx(np.mean([0.1 - 0.9, 0.2 - 0.8, 0.15 - 0.85, 0.12 - 0.95]))
     assert d["verdict"] == "supported" and d["p_improvement"] == 1.0
-    assert stats.paired_difference(a, b, lower_is_better=False)["verdict"] == "contradicted"
-    mixed = stats.paired_difference({0: 0.1, 1: 0.9, 2: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5}, True)
+    assert stats.paired_difference(a, b, lower_is_better=False, min_n=4)["verdict"] == "contradicted"
+    mixed = stats.paired_difference({0: 0.1, 1: 0.9, 2: 0.5}, {0: 0.5, 1: 0.5, 2: 0.5}, True, min_n=3)
     assert mixed["verdict"] == "inconclusive"
-    assert stats.paired_difference({0: 0.1}, {0: 0.9}, True)["verdict"] == "inconclusive"  # n < 2
+    assert stats.paired_difference({0: 0.1}, {0: 0.9}, True, min_n=1)["verdict"] == "inconclusive"  # no CI
 
 
 def test_verdict_cases():
@@ -74,3 +74,20 @@ def test_band_is_the_per_column_summary():
     mean, lo, hi = stats.band(curves)
     np.testing.assert_allclose(mean, [0.2, 0.6])
     assert (lo <= mean).all() and (mean <= hi).all()
+
+
+def test_sign_flip_p_value_enumerates_every_sign_pattern():
+    import itertools
+
+    d = np.array([-0.3, -0.1, -0.25, 0.05, -0.2])
+    stat = abs(d.mean())
+    flips = [abs((d * np.array(s)).mean()) for s in itertools.product([1, -1], repeat=len(d))]
+    ref = np.mean([f >= stat - 1e-12 for f in flips])  # NumPy enumeration of all 2^5 patterns
+    assert stats.sign_flip_p_value(d) == pytest.approx(ref)
+    assert stats.sign_flip_p_value([-0.1, -0.2, -0.3, -0.4, -0.5]) == pytest.approx(2 / 32)
+
+
+def test_verdict_needs_min_n_paired_seeds():
+    a, b = {s: 0.1 for s in range(4)}, {s: 0.9 - 0.01 * s for s in range(4)}
+    assert stats.paired_difference(a, b, True)["verdict"] == "inconclusive"  # 4 < 5
+    assert stats.paired_difference(a, b, True, min_n=4)["verdict"] == "supported"

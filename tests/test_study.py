@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def _cfg(**kw):
     arms = [{"name": "a", "experiment": "default"}, {"name": "b", "experiment": "rlhf"}]
     tree = {"title": "t", "arms": arms,
-            "seeds": [0, 1], "steps": 2, "vmap": True, "n_resamples": 2000,
+            "seeds": [0, 1], "steps": 2, "vmap": True, "n_resamples": 2000, "min_seeds": 2,
             "claims": [{"name": "c", "a": "a", "b": "b", "metric": "best_response_asr"}]}
     return build_config(study.Config, tree | kw)
 
@@ -94,7 +94,9 @@ def test_failures_are_recorded_and_resume_runs_only_unfinished_cells(tmp_path, m
     _fake_runners(monkeypatch, calls, fail_arm="b")
     cfg = _cfg(seeds=[0, 1, 2])
     summary = study.run(cfg, tmp_path, progress=False)
-    assert calls == [("vmapped", ["a-s0", "a-s1", "a-s2"]), ("vmapped", ["b-s0", "b-s1", "b-s2"])]
+    # b's vmapped group fails, then each of its seeds is tried on its own (and fails too)
+    assert calls == [("vmapped", ["a-s0", "a-s1", "a-s2"]), ("vmapped", ["b-s0", "b-s1", "b-s2"]),
+                     ("separate", ["b-s0"]), ("separate", ["b-s1"]), ("separate", ["b-s2"])]
     assert summary["arms"]["b"]["metrics"]["best_response_asr"]["n"] == 0
     assert summary["arms"]["b"]["failed"]["0"].startswith("RuntimeError: boom in b")
     assert (tmp_path / "cells" / "b-s1" / "FAILED.txt").exists()
@@ -114,6 +116,36 @@ def test_failures_are_recorded_and_resume_runs_only_unfinished_cells(tmp_path, m
     assert claim["n"] == 3 and claim["mean"] == pytest.approx(np.mean([0.1 - 0.8, 0.3 - 0.9, 0.2 - 0.7]))
     assert claim["verdict"] == "supported" and claim["p_improvement"] == 1.0
     assert (tmp_path / "plots" / "curves.png").stat().st_size > 0
+    assert not (tmp_path / "cells" / "b-s1" / "FAILED.txt").exists()  # finished now
+    assert summary["arms"]["a"]["ran"] == {"0": "vmapped", "1": "separate", "2": "vmapped"}
+    # resuming with another config (here: more steps) is refused, naming the cell
+    changed = build_config(study.Config, {**_tree(cfg), "steps": 3, "resume": str(tmp_path)})
+    with pytest.raises(ConfigError, match="a-s0"):
+        study.run(changed, tmp_path / "newer", progress=False)
+
+
+def test_one_seed_failing_in_a_vmapped_group_costs_only_that_seed(tmp_path, monkeypatch):
+    calls = []
+    _fake_runners(monkeypatch, calls)
+    separate = experiment.run
+
+    def run_seeds(cfgs, dirs, group_dir, progress=True):
+        calls.append(("vmapped", [pathlib.Path(d).name for d in dirs]))
+        raise FloatingPointError("seed 1 went NaN")
+
+    def run(cfg, run_dir, progress=True):
+        if cfg.seed == 1:
+            calls.append(("separate", [pathlib.Path(run_dir).name]))
+            raise FloatingPointError("NaN")
+        separate(cfg, run_dir, progress)
+
+    monkeypatch.setattr(experiment, "run_seeds", run_seeds)
+    monkeypatch.setattr(experiment, "run", run)
+    summary = study.run(_cfg(seeds=[0, 1, 2], arms=[{"name": "a", "experiment": "default"}], claims=[]),
+                        tmp_path, progress=False)
+    m = summary["arms"]["a"]["metrics"]["asr_train"]
+    assert m["n"] == 2 and m["n_asked"] == 3
+    assert summary["arms"]["a"]["failed"] == {"1": "FloatingPointError: NaN"}
 
 
 def test_vmap_off_runs_each_cell_separately(tmp_path, monkeypatch):
@@ -152,3 +184,46 @@ def test_reuse_copies_cells_with_the_same_config(tmp_path, monkeypatch):
     assert summary["arms"]["a"]["metrics"]["asr_train"]["n"] == 3
     with pytest.raises(FileNotFoundError, match="reuse"):
         study.run(_cfg(reuse=[str(tmp_path / "nowhere")]), tmp_path / "third", progress=False)
+
+
+def _members_by_simulation(mode, n_def, n_att, total, chunk):
+    """Independent reference: walk the steps one by one, count the defender's updates, and take, for each
+    defence stage, the first chunk end at which the defender has exactly that stage's updates done."""
+    def defends(t):
+        if mode == "alternating":
+            return t % (n_def + n_att) < n_def
+        return mode in ("defend_only", "simultaneous")
+
+    stage_end_counts, count, prev = [], 0, False
+    for t in range(total):
+        d = defends(t)
+        if prev and not d:
+            stage_end_counts.append(count)
+        count += d
+        prev = d
+    if prev:
+        stage_end_counts.append(count)
+    if not stage_end_counts:
+        return [total]
+    ends = sorted({min(c, total) for c in range(chunk, total + chunk, chunk)})
+    done = {c: sum(defends(t) for t in range(c)) for c in ends}
+    out = []
+    for k in stage_end_counts:
+        hit = [c for c in ends if done[c] == k]
+        if hit:
+            out.append(hit[0])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["alternating", "defend_only", "attack_only", "simultaneous"])
+@pytest.mark.parametrize("total, chunk, n_def, n_att", [(200, 20, 20, 20), (200, 50, 20, 20), (30, 7, 3, 5),
+                                                         (10, 10, 2, 2), (9, 4, 4, 1)])
+def test_averaged_defender_members_match_a_step_by_step_simulation(tmp_path, mode, total, chunk, n_def,
+                                                                   n_att):
+    schedule = {"mode": mode, "n_def": n_def, "n_att": n_att}
+    cfg = build_config(experiment.Config, {"loop": {"total_steps": total, "chunk_size": chunk},
+                                           "game": {"schedule": schedule}})
+    members = experiment.DefenderMembers(object(), None, cfg, tmp_path)
+    assert members.steps == _members_by_simulation(mode, n_def, n_att, total, chunk)
+    if mode == "alternating" and chunk == 20:
+        assert members.steps == [20, 60, 100, 140, 180] and members.missed == []
