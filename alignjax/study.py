@@ -41,6 +41,7 @@ import traceback
 from typing import Any, Literal
 
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from alignjax import stats
@@ -227,14 +228,30 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     return summary
 
 
+def _flat(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (tree or {}).items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def same_config(text: str, cfg) -> bool:
+    """Whether a cell's saved config.yaml holds `cfg`: equal key by key, where a key that one side lacks
+    counts as its default (so an option added to the library later does not orphan finished cells)."""
+    old, new = _flat(yaml.safe_load(text)), _flat(yaml.safe_load(dump_yaml(cfg)))
+    default = _flat(yaml.safe_load(dump_yaml(type(cfg)())))
+    return all(old.get(k, default.get(k)) == new.get(k, default.get(k)) for k in set(old) | set(new))
+
+
 def _write_cell_config(cell: Cell) -> None:
     """The cell's config.yaml; a resumed study must not change a cell's config under its results."""
     path, text = cell.dir / "config.yaml", dump_yaml(cell.cfg)
-    if path.exists() and path.read_text() != text and any(cell.dir.iterdir()) and (
+    if path.exists() and not same_config(path.read_text(), cell.cfg) and (
             _finished(cell) or (cell.dir / "metrics.jsonl").exists()):
         raise ConfigError(f"study cell {cell.name}: its config differs from the one in {path} (changed "
                           "steps, overrides or experiment files?); start a new study instead of resuming")
-    path.write_text(text)
+    if not path.exists() or not same_config(path.read_text(), cell.cfg):
+        path.write_text(text)
 
 
 def _attempt(cells: list[Cell], fn) -> bool:
@@ -259,16 +276,15 @@ def _attempt(cells: list[Cell], fn) -> bool:
 def _reuse(cfg: Config, cells: list[Cell]) -> dict:
     """Copy finished cells with the same resolved config from `cfg.reuse` folders (an unfinished cell's
     own files are replaced); {cell name: "reused from <study>"}."""
-    found: dict = {}
+    found = []
     for folder in map(pathlib.Path, cfg.reuse):
         if not (folder / "cells").is_dir():
             raise FileNotFoundError(f"reuse={str(folder)!r}: {folder / 'cells'} does not exist")
-        for d in sorted((folder / "cells").iterdir()):
-            if (d / "results.json").is_file() and (d / "config.yaml").is_file():
-                found.setdefault((d / "config.yaml").read_text(), d)
+        found += [(d, (d / "config.yaml").read_text()) for d in sorted((folder / "cells").iterdir())
+                  if (d / "results.json").is_file() and (d / "config.yaml").is_file()]
     out = {}
     for c in cells:
-        src = found.get((c.dir / "config.yaml").read_text())
+        src = next((d for d, text in found if same_config(text, c.cfg)), None)
         if src is not None and not _finished(c):
             shutil.rmtree(c.dir)
             shutil.copytree(src, c.dir, ignore=shutil.ignore_patterns("checkpoints"))

@@ -93,8 +93,10 @@ def defender_scores(world, params, lm_cfg, x, xm, mode: str = "expected", key=No
 def evaluate_defender(
     world, params, lm_cfg, splits=DEFENDER_SPLITS, mode: str = "expected", key=None, temperature: float = 1.0
 ) -> dict:
-    """{split: {attack_success_rate, over_refusal, safe_reward, n_harmful, n_benign, per_framing_asr}}."""
+    """{split: {attack_success_rate, over_refusal, safe_reward, n_harmful, n_benign, per_framing_asr}}; a
+    split without prompts (a tiny world may have no validation topics) is left out."""
     # all splits in one pass: one compiled batch shape, one sampling loop
+    splits = [split for split in splits if world.prompts(split)]
     per_split = [world.prompts(split) for split in splits]
     x, xm = world.encode([p.text for ps in per_split for p in ps], world.max_prompt_len)
     scores = defender_scores(world, params, lm_cfg, x, xm, mode, key, temperature)
