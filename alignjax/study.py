@@ -295,9 +295,13 @@ def _reuse(cfg: Config, cells: list[Cell]) -> dict:
 def _previous_how(study_dir: pathlib.Path) -> dict:
     """How each cell ran in earlier invocations of this study (from its study.json)."""
     path = study_dir / "study.json"
-    arms = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
-    return {f"{name}-s{seed}": h for name, arm in arms.items() if isinstance(arm.get("ran"), dict)
-            for seed, h in arm["ran"].items()}
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    out = {}
+    for name, arm in summary.get("arms", {}).items():
+        ran = arm.get("ran")  # per seed; a plain string (older study.json) holds for all the arm's seeds
+        per_seed = ran if isinstance(ran, dict) else {str(s): ran for s in summary.get("seeds", [])}
+        out.update({f"{name}-s{seed}": h for seed, h in per_seed.items() if h and h != "-"})
+    return out
 
 
 def _previous_wall(study_dir: pathlib.Path) -> dict:
@@ -372,7 +376,8 @@ def summarize_study(cfg: Config, cells: list[Cell], how: dict | None = None) -> 
             agg[m] = s | {"n_asked": len(cfg.seeds), "by_seed": {str(k): v for k, v in by_seed.items()}}
         arms[a.name] = {"experiment": a.experiment, "overrides": a.overrides, "description": a.description,
                         "metrics": agg, "failed": {str(k): v for k, v in info["failed"].items()},
-                        "ran": {str(c.seed): (how or {}).get(c.name, "-") for c in cells if c.arm == a.name},
+                        "ran": {str(c.seed): (how or {}).get(c.name) or _how_it_ran(c) for c in cells
+                                if c.arm == a.name},
                         "curves": {k: {str(s): v for s, v in c.items()} for k, c in info["curves"].items()}}
     claims = []
     for c in cfg.claims:
@@ -385,6 +390,14 @@ def summarize_study(cfg: Config, cells: list[Cell], how: dict | None = None) -> 
             "confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "arms": arms, "claims": claims,
             "machine": f"{platform.processor() or platform.machine()}, {_cpu_model()}",
             "date": datetime.date.today().isoformat()}
+
+
+def _how_it_ran(cell: Cell) -> str:
+    """vmapped / separate, from the cell's results.json (for cells of an earlier invocation)."""
+    if not _finished(cell):
+        return "-"
+    run = json.loads((cell.dir / "results.json").read_text()).get("run", {})
+    return "-" if "vmapped_seeds" not in run else "vmapped" if run["vmapped_seeds"] else "separate"
 
 
 def _cpu_model() -> str:

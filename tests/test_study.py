@@ -160,14 +160,14 @@ def _tree(cfg):
     return dataclasses.asdict(cfg)
 
 
-@pytest.mark.parametrize("name", ["study_table1", "study_table2"])
+@pytest.mark.parametrize("name", ["study_table1", "study_table2", "study_helpfulness"])
 def test_readme_tables_are_the_committed_summaries_rendered(name):
     """The README's game results are study_*.json rendered by study.render_markdown, never typed in."""
     summary = study.load_summary(ROOT / "results" / f"{name}.json")
     readme = (ROOT / "README.md").read_text()
     block = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", readme, re.S)
     assert block, f"README.md has no {name} block"
-    assert block.group(1) == study.render_markdown(summary, heading="###")
+    assert block.group(1) == study.render_markdown(summary, heading="####")
     for claim in summary["claims"]:
         assert claim["difference"]["verdict"] == study.stats.verdict(
             claim["difference"]["ci"], claim["better"] == "lower")
