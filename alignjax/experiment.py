@@ -23,6 +23,7 @@ k = 0; GPO+Div = alternating with k > 0; simultaneous = both players learn every
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import time
@@ -156,7 +157,7 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
 
     state = stack_seeds([b.state for b in builts])
     consts = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[b.consts for b in builts])
-    final = run_loop(play_step, state, cfgs[0].loop, group_dir, _metadata(cfgs[0]), on_chunk_end=on_chunk_end,
+    final = run_loop(play_step, state, cfgs[0].loop, group_dir, _metadata(*cfgs), on_chunk_end=on_chunk_end,
                      consts=consts, desc=pathlib.Path(group_dir).name, seed_dirs=run_dirs)
     t["game"] = time.perf_counter()
     return [_finish(c, d, setting, b, unstack_seeds(final, i), initial, m, dict(t), environment, len(cfgs))
@@ -181,8 +182,21 @@ def _evaluate_initial(setting, built, cfg: Config) -> dict:
                             keys.eval_key(cfg.eval.seed), cfg)
 
 
-def _metadata(cfg: Config) -> dict:
-    return {"config": json.loads(json.dumps(to_dict(cfg), default=report.json_default))}
+# options that may differ when a run is resumed (check_resume_config, config_fingerprint)
+RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu")
+
+
+def config_fingerprint(*cfgs: Config) -> str:
+    """Hash of the configs (in order) without RESUMABLE_CHANGES: saved with every checkpoint, so that a
+    checkpoint of another experiment's config is never restored silently (game.loop.run_loop)."""
+    flat = [{k: v for k, v in _flat(json.loads(json.dumps(to_dict(c), default=report.json_default))).items()
+             if k not in RESUMABLE_CHANGES} for c in cfgs]
+    return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _metadata(*cfgs: Config) -> dict:
+    return {"config": json.loads(json.dumps(to_dict(cfgs[0]), default=report.json_default)),
+            "fingerprint": config_fingerprint(*cfgs)}
 
 
 def where_it_runs(cfg: Config) -> dict:
@@ -299,15 +313,16 @@ def check_resume_config(cfg: Config, old: pathlib.Path) -> None:
     if not path.exists():
         return
 
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    before, now = flat(yaml.safe_load(path.read_text())), flat(yaml.safe_load(dump_yaml(cfg)))
+    before, now = _flat(yaml.safe_load(path.read_text())), _flat(yaml.safe_load(dump_yaml(cfg)))
     diff = sorted(k for k in set(before) | set(now)
-                  if before.get(k) != now.get(k) and k not in ("resume", "loop.total_steps"))
+                  if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
-                         "resume with the same settings (only loop.total_steps may change)")
+                         "resume with the same settings (only loop.total_steps and allow_cpu may change)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -133,3 +133,29 @@ def test_sigkilled_subprocess_resumes_bitwise(reference, tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     final = run_loop(fake_step, fake_init(), CFG, tmp_path)
     assert _bits(final) == _bits(ref_final)
+
+
+def test_a_checkpoint_of_another_config_is_never_restored(tmp_path):
+    """The config fingerprint saved with each checkpoint must match the resuming run's."""
+    short = LoopConfig(total_steps=2, chunk_size=2, tensorboard=False)
+    run_loop(fake_step, fake_init(), short, tmp_path, metadata={"fingerprint": "aaaa"})
+    with pytest.raises(ValueError, match="fingerprint aaaa, this run bbbb"):
+        run_loop(fake_step, fake_init(), CFG, tmp_path, metadata={"fingerprint": "bbbb"})
+    final = run_loop(fake_step, fake_init(), short, tmp_path, metadata={"fingerprint": "aaaa"})
+    assert int(final.step) == 2  # the same config resumes (here: nothing left to run)
+
+
+def test_config_fingerprint_ignores_only_what_a_resume_may_change():
+    import dataclasses
+
+    from alignjax import experiment as E
+
+    cfg = E.Config()
+    same = dataclasses.replace(cfg, resume="runs/x/1", allow_cpu=True,
+                               loop=dataclasses.replace(cfg.loop, total_steps=999))
+    assert E.config_fingerprint(cfg) == E.config_fingerprint(same)
+    assert E.config_fingerprint(cfg) != E.config_fingerprint(dataclasses.replace(cfg, seed=1))
+    other_lr = dataclasses.replace(cfg.defender, policy_optimizer=dataclasses.replace(
+        cfg.defender.policy_optimizer, learning_rate=1e-3))
+    assert E.config_fingerprint(cfg) != E.config_fingerprint(dataclasses.replace(cfg, defender=other_lr))
+    assert E.config_fingerprint(cfg, cfg) != E.config_fingerprint(cfg)  # a seed group hashes all its configs

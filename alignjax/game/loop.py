@@ -220,7 +220,7 @@ def run_loop(
     run_dir.mkdir(parents=True, exist_ok=True)
     devices = _devices(cfg)
     store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
-    state, start = _restore_or_init(store, to_host(init_state))
+    state, start = _restore_or_init(store, to_host(init_state), (metadata or {}).get("fingerprint"))
     log_dirs = [pathlib.Path(d) for d in seed_dirs] if seed_dirs is not None else [run_dir]
     for d in log_dirs:
         d.mkdir(parents=True, exist_ok=True)
@@ -269,12 +269,18 @@ def _devices(cfg: LoopConfig) -> tuple:
     return tuple(devices)
 
 
-def _restore_or_init(store: CheckpointStore, init_state) -> tuple[Any, int]:
+def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None = None) -> tuple[Any, int]:
     """(state, step): the newest checkpoint that reads back cleanly (damaged later ones moved aside),
-    or the initial state."""
+    or the initial state. A checkpoint whose metadata holds another config `fingerprint` than this
+    run's is never restored: that is an error naming both."""
     restored = store.restore(init_state)
     if restored is None:
         return init_state, int(init_state.step)
+    theirs = restored.metadata.get("fingerprint")
+    if fingerprint is not None and theirs is not None and theirs != fingerprint:
+        raise ValueError(f"checkpoint {restored.step} in {store.directory} was written by a run with "
+                         f"another config (fingerprint {theirs}, this run {fingerprint}); give the run its "
+                         "own folder or resume it with the config it was started with")
     state, start = restored.tree, restored.step
     for path in store.quarantine_after(start):
         tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
