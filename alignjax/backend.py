@@ -74,6 +74,20 @@ def detect_accelerator(
     return "cpu"
 
 
+def cpu_model() -> str:
+    """The host CPU's model name (/proc/cpuinfo), or the platform string where that is unreadable: the
+    machine to name under a speed figure or a study."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.platform()
+
+
 def describe() -> dict:
     """What JAX runs on here. Reads only (it initialises JAX's backends, as any JAX call would).
 

@@ -141,6 +141,24 @@ def build_config(cls, mapping: dict | None = None, overrides=(), where: str = "c
         raise ConfigError(f"{where}: {e}") from None
 
 
+def flatten(tree: dict | None, prefix: str = "") -> dict:
+    """{"section.key": value} of a nested dict (a config as read from YAML or `to_dict`)."""
+    out = {}
+    for k, v in (tree or {}).items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def config_diff(saved_yaml: str, cfg, ignore=()) -> list[str]:
+    """The dotted keys where a saved config.yaml differs from `cfg` (keys in `ignore` skipped). A key
+    that one side lacks counts as its default, so an option added to the library later does not make
+    old run folders differ."""
+    old, new = flatten(yaml.safe_load(saved_yaml)), flatten(yaml.safe_load(dump_yaml(cfg)))
+    default = flatten(yaml.safe_load(dump_yaml(type(cfg)())))
+    return sorted(k for k in set(old) | set(new)
+                  if k not in ignore and old.get(k, default.get(k)) != new.get(k, default.get(k)))
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

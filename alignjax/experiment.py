@@ -32,11 +32,10 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from alignjax import backend, parallel, report
-from alignjax.config import dump_yaml, to_dict
+from alignjax.config import config_diff, flatten, to_dict
 from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.loop import LoopConfig, run_loop, stack_seeds, unstack_seeds
@@ -189,7 +188,7 @@ RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu")
 def config_fingerprint(*cfgs: Config) -> str:
     """Hash of the configs (in order) without RESUMABLE_CHANGES: saved with every checkpoint, so that a
     checkpoint of another experiment's config is never restored silently (game.loop.run_loop)."""
-    flat = [{k: v for k, v in _flat(json.loads(json.dumps(to_dict(c), default=report.json_default))).items()
+    flat = [{k: v for k, v in flatten(json.loads(json.dumps(to_dict(c), default=report.json_default))).items()
              if k not in RESUMABLE_CHANGES} for c in cfgs]
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -313,16 +312,7 @@ def check_resume_config(cfg: Config, old: pathlib.Path) -> None:
     if not path.exists():
         return
 
-    before, now = _flat(yaml.safe_load(path.read_text())), _flat(yaml.safe_load(dump_yaml(cfg)))
-    diff = sorted(k for k in set(before) | set(now)
-                  if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+    diff = config_diff(path.read_text(), cfg, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
                          "resume with the same settings (only loop.total_steps and allow_cpu may change)")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out

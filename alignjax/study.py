@@ -41,11 +41,10 @@ import traceback
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
-from alignjax import stats
-from alignjax.config import ConfigError, dump_yaml
+from alignjax import backend, stats
+from alignjax.config import ConfigError, config_diff, dump_yaml
 
 # metric name -> (path in results.json, better, label); the tables pick from these
 METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -228,19 +227,10 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     return summary
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    out = {}
-    for k, v in (tree or {}).items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def same_config(text: str, cfg) -> bool:
     """Whether a cell's saved config.yaml holds `cfg`: equal key by key, where a key that one side lacks
     counts as its default (so an option added to the library later does not orphan finished cells)."""
-    old, new = _flat(yaml.safe_load(text)), _flat(yaml.safe_load(dump_yaml(cfg)))
-    default = _flat(yaml.safe_load(dump_yaml(type(cfg)())))
-    return all(old.get(k, default.get(k)) == new.get(k, default.get(k)) for k in set(old) | set(new))
+    return not config_diff(text, cfg)
 
 
 def _write_cell_config(cell: Cell) -> None:
@@ -388,7 +378,7 @@ def summarize_study(cfg: Config, cells: list[Cell], how: dict | None = None) -> 
                                                "n_asked": len(cfg.seeds)})
     return {"title": cfg.title, "table": cfg.table, "seeds": list(cfg.seeds), "steps": cfg.steps,
             "confidence": cfg.confidence, "n_resamples": cfg.n_resamples, "arms": arms, "claims": claims,
-            "machine": f"{platform.processor() or platform.machine()}, {_cpu_model()}",
+            "machine": f"{platform.processor() or platform.machine()}, {backend.cpu_model()}",
             "date": datetime.date.today().isoformat()}
 
 
@@ -398,16 +388,6 @@ def _how_it_ran(cell: Cell) -> str:
         return "-"
     run = json.loads((cell.dir / "results.json").read_text()).get("run", {})
     return "-" if "vmapped_seeds" not in run else "vmapped" if run["vmapped_seeds"] else "separate"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.platform()
 
 
 def _fmt(x: float) -> str:
@@ -422,14 +402,15 @@ def _cell(s: dict) -> str:
     return f"{_fmt(s['mean'])}{ci}{n}"
 
 
-def render_markdown(summary: dict, heading: str = "#") -> str:
+def render_markdown(summary: dict, heading: str = "#", compact: bool = False) -> str:
     """study.md (and the README's results block) from a study summary: the table, per-seed values of
-    the headline metric, the claims with their verdicts."""
+    the headline metric, the claims with their verdicts. `compact` (the README): without the title,
+    the per-seed table and the explanations (docs/studies.md has them)."""
     cols = TABLES[summary["table"]]
     seeds = summary["seeds"]
     conf = int(round(100 * summary["confidence"]))
-    lines = [f"{heading} Study: {summary['title']}", "",
-             f"Mean over seeds [{conf}% percentile-bootstrap CI of the mean] (n = seeds that finished, "
+    lines = [] if compact else [f"{heading} Study: {summary['title']}", ""]
+    lines += [f"Mean over seeds [{conf}% percentile-bootstrap CI of the mean] (n = seeds that finished, "
              f"shown when fewer than the {len(seeds)} asked: {seeds}); "
              + (f"{summary['steps']} game steps per cell." if summary["steps"] else
                 "each experiment's own number of game steps."), "",
@@ -438,25 +419,27 @@ def render_markdown(summary: dict, heading: str = "#") -> str:
              "|---|" + "---|" * len(cols)]
     for name, arm in summary["arms"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(arm["metrics"][m]) for m in cols) + " |")
-    head = cols[4] if summary["table"] == "defender" else cols[0]
-    lines += ["", f"Per seed, {METRICS[head][2]}:", "",
-              "| experiment | " + " | ".join(f"s{s}" for s in seeds) + " | ran |",
-              "|---|" + "---|" * (len(seeds) + 1)]
-    for name, arm in summary["arms"].items():
-        by = arm["metrics"][head]["by_seed"]
-        row = [_fmt(by[str(s)]) if str(s) in by else ("failed" if str(s) in arm["failed"] else "-")
-               for s in seeds]
-        ran = arm["ran"] if isinstance(arm["ran"], str) else ", ".join(sorted(set(arm["ran"].values())))
-        lines.append(f"| {name} | " + " | ".join(row) + f" | {ran} |")
+    if not compact:
+        head = cols[4] if summary["table"] == "defender" else cols[0]
+        lines += ["", f"Per seed, {METRICS[head][2]}:", "",
+                  "| experiment | " + " | ".join(f"s{s}" for s in seeds) + " | ran |",
+                  "|---|" + "---|" * (len(seeds) + 1)]
+        for name, arm in summary["arms"].items():
+            by = arm["metrics"][head]["by_seed"]
+            row = [_fmt(by[str(s)]) if str(s) in by else ("failed" if str(s) in arm["failed"] else "-")
+                   for s in seeds]
+            ran = arm["ran"] if isinstance(arm["ran"], str) else ", ".join(sorted(set(arm["ran"].values())))
+            lines.append(f"| {name} | " + " | ".join(row) + f" | {ran} |")
     if summary["claims"]:
         min_n = summary["claims"][0]["difference"].get("min_n", 2)
-        lines += ["", "Claims of the paper, as hypotheses: the paired difference a - b over the seeds both "
-                  f"finished, its {conf}% CI, rliable's probability of improvement P(a better than b), the "
-                  "exact sign-flip permutation p-value of the mean difference, and the verdict computed "
-                  "from the CI (supported: the CI excludes 0 on the claimed side; contradicted: it excludes "
-                  f"0 on the other side; otherwise, or with fewer than {min_n} paired seeds, inconclusive). "
-                  "The percentile CI is narrow with few seeds; the p-value says how strong a claim is.", "",
-                  "| claim | metric | a - b [CI] | P(a better) | p | n | verdict |",
+        intro = ("Claims, judged from the paired difference a - b over seeds (docs/studies.md):" if compact
+                 else "Claims of the paper, as hypotheses: the paired difference a - b over the seeds both "
+                 f"finished, its {conf}% CI, rliable's probability of improvement P(a better than b), the "
+                 "exact sign-flip permutation p-value of the mean difference, and the verdict computed "
+                 "from the CI (supported: the CI excludes 0 on the claimed side; contradicted: it excludes "
+                 f"0 on the other side; otherwise, or with fewer than {min_n} paired seeds, inconclusive). "
+                 "The percentile CI is narrow with few seeds; the p-value says how strong a claim is.")
+        lines += ["", intro, "", "| claim | metric | a - b [CI] | P(a better) | p | n | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for c in summary["claims"]:
             d = c["difference"]

@@ -14,18 +14,15 @@ from __future__ import annotations
 
 import os
 import pathlib
-import platform
 import tempfile
 import time
 
-from alignjax import experiment
+from alignjax import backend, experiment
 from alignjax.cli import load_experiment
 
 
 def _machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.2f}"
+    return f"{backend.cpu_model()}, {os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.2f}"
 
 
 def main():
