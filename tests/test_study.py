@@ -167,7 +167,7 @@ def test_readme_tables_are_the_committed_summaries_rendered(name):
     readme = (ROOT / "README.md").read_text()
     block = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", readme, re.S)
     assert block, f"README.md has no {name} block"
-    assert block.group(1) == study.render_markdown(summary, heading="####")
+    assert block.group(1) == study.render_markdown(summary, compact=True)
     for claim in summary["claims"]:
         assert claim["difference"]["verdict"] == study.stats.verdict(
             claim["difference"]["ci"], claim["better"] == "lower")

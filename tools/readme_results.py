@@ -5,7 +5,7 @@
 For each study folder (written by `make experiment NAME=study_*`, alignjax/study.py) this copies
 `study.json` to `results/<title>.json` and its plots to `results/<title>-{curves,final}.png`, then
 rewrites the README text between `<!-- <title>:begin -->` and `<!-- <title>:end -->` with
-`alignjax.study.render_markdown(summary, heading="####")`. tests/test_study.py renders the committed
+`alignjax.study.render_markdown(summary, compact=True)`. tests/test_study.py renders the committed
 summaries again and fails when the README differs.
 """
 
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
         shutil.copyfile(folder / "study.json", out / f"{title}.json")
         for name in ("curves", "final"):
             shutil.copyfile(folder / "plots" / f"{name}.png", out / f"{title}-{name}.png")
-        readme = fill(readme, title, study.render_markdown(summary, heading="####"))
+        readme = fill(readme, title, study.render_markdown(summary, compact=True))
         print(f"{title}: {folder} -> results/{title}.json")
     args.readme.write_text(readme)
     return 0
