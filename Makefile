@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 experiment: $(STAMP)
 	$(BIN)/python -m alignjax.cli $(NAME) $(ARGS)

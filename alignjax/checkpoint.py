@@ -34,14 +34,21 @@ class Restored(NamedTuple):
     metadata: dict
 
 
-def _abstract(tree):
-    """ShapeDtypeStruct leaves (host-local, unsharded) so restored leaves come back as plain arrays."""
+def _abstract(tree, shardings=None):
+    """ShapeDtypeStruct leaves: unsharded (restored leaves come back as plain arrays), or with the
+    given shardings (restored as global arrays in that layout; each process reads its shards)."""
 
-    def leaf(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
+    def leaf(x, sh=None):
+        x = np.asarray(x) if not isinstance(x, jax.Array | jax.ShapeDtypeStruct) else x
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 
-    return jax.tree.map(leaf, tree)
+    if shardings is None:
+        return jax.tree.map(leaf, tree)
+    return jax.tree.map(leaf, tree, shardings)
+
+
+def _spans_devices(x) -> bool:
+    return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
 
 
 class CheckpointStore:
@@ -76,9 +83,10 @@ class CheckpointStore:
     def save(self, step: int, tree, metadata: dict | None = None) -> None:
         """Write `tree` and `metadata` as step `step` and block until it is on disk.
 
-        Leaves are fetched to host numpy first: the caller may pass device (or pmap-replicated
-        slices of) arrays, and the saved checkpoint then does not depend on the device layout."""
-        host_tree = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+        Leaves on one device (or host arrays) are fetched to host NumPy first; arrays that span
+        several devices (a mesh-sharded state) are written as they lie, each process its own shards.
+        Either way the checkpoint holds global arrays and does not depend on the device layout."""
+        host_tree = jax.tree.map(lambda x: x if _spans_devices(x) else np.asarray(jax.device_get(x)), tree)
         self._manager.save(
             int(step),
             args=ocp.args.Composite(
@@ -90,36 +98,37 @@ class CheckpointStore:
         self._manager.wait_until_finished()
 
     # -------------------------------------------------------------------- read
-    def restore_step(self, step: int, target) -> Restored:
-        """Restore exactly step `step` into the structure/dtypes of `target` (raises on damage)."""
+    def restore_step(self, step: int, target, shardings=None) -> Restored:
+        """Restore exactly step `step` into the structure/dtypes of `target` (raises on damage); with
+        `shardings` (a pytree of them, like target) as global arrays in that layout."""
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target)),
+                state=ocp.args.StandardRestore(_abstract(target, shardings)),
                 metadata=ocp.args.JsonRestore(),
             ),
         )
-        tree = jax.tree.map(np.asarray, out["state"])
+        tree = out["state"] if shardings is not None else jax.tree.map(np.asarray, out["state"])
         # StandardRestore keeps the target's treedef (NamedTuples, optax states); verify it anyway,
         # a silently different structure would make a resumed run diverge.
         if jax.tree.structure(tree) != jax.tree.structure(target):
             raise ValueError(f"checkpoint step {step} in {self.directory} has a different tree structure")
         return Restored(int(step), tree, dict(out["metadata"] or {}))
 
-    def restore(self, target, step: int | None = None) -> Restored | None:
+    def restore(self, target, step: int | None = None, shardings=None) -> Restored | None:
         """Restore the newest readable step (or exactly `step` when given) into `target`'s structure.
 
         Returns None when the folder holds no checkpoint. A step that fails to restore is skipped
         with a `UserWarning` naming it; if no step can be restored the last error is raised."""
         if step is not None:
-            return self.restore_step(step, target)
+            return self.restore_step(step, target, shardings)
         steps = self.all_steps()
         if not steps:
             return None
         last_error = None
         for s in reversed(steps):
             try:
-                return self.restore_step(s, target)
+                return self.restore_step(s, target, shardings)
             except Exception as e:  # noqa: BLE001 -- any read failure means "damaged", try older
                 last_error = e
                 warnings.warn(

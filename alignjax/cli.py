@@ -13,6 +13,7 @@ import importlib
 import pathlib
 import sys
 
+import numpy as np
 import yaml
 
 from alignjax.config import ConfigError, build_config, dump_yaml, merge_trees
@@ -59,6 +60,31 @@ def _environment_comment() -> str:
     return "".join(f"# environment.{k}: {v}\n" for k, v in backend.describe().items())
 
 
+def _start_processes(cfg) -> bool:
+    """Multi-host start-up when the config (or the environment) asks for it, before any device is
+    touched (alignjax.parallel.distributed); returns whether this process is the primary one."""
+    par = getattr(cfg, "parallel", None)
+    if par is None:
+        return True
+    from alignjax.parallel import distributed
+
+    distributed.initialize(par.coordinator, par.num_processes, par.process_id)
+    return distributed.is_primary()
+
+
+def _stamp() -> str:
+    """The run folder's time stamp; with several processes, process 0's (all write one folder)."""
+    now = datetime.datetime.now()
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        now = datetime.datetime.fromtimestamp(
+            float(multihost_utils.broadcast_one_to_all(np.asarray(now.timestamp(), np.float64))))
+    return now.strftime("%Y%m%d-%H%M%S")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     name = argv[0] if argv else "default"
@@ -67,10 +93,11 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = pathlib.Path("runs") / name / stamp
+    primary = _start_processes(cfg)
+    run_dir = pathlib.Path("runs") / name / _stamp()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg) + _environment_comment())
+    if primary:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg) + _environment_comment())
     print(f"[alignjax] experiment {name} -> {run_dir}")
     module.run(cfg, run_dir)
     return 0

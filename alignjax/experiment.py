@@ -81,6 +81,7 @@ class Config:
     cache_dir: str = ""  # synthetic players' cache ("" = $ALIGNJAX_CACHE_DIR or <repo>/cache)
     resume: str = ""  # an earlier run folder (runs/NAME/<timestamp>) to continue from its last checkpoint
     allow_cpu: bool = False  # run on the CPU although the machine has an accelerator (alignjax/backend.py)
+    parallel: parallel.ParallelConfig = dataclasses.field(default_factory=parallel.ParallelConfig)
 
 
 def check_config(cfg: Config) -> None:
@@ -110,8 +111,9 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
     t = {"start": time.perf_counter()}
-    setting, built, play_step = _build(cfg, progress)
+    setting, built, play_step, layout = _build(cfg, progress)
     t["built"] = time.perf_counter()
+    environment["layout"] = layout.describe()
     initial = _evaluate_initial(setting, built, cfg)
     t["eval0"] = time.perf_counter()
     members = DefenderMembers(setting, built, cfg, run_dir)
@@ -121,7 +123,8 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
         return setting.progress(built, state, cfg) if evaluation_due(step, cfg) else None
 
     final_state = run_loop(play_step, built.state, cfg.loop, run_dir, _metadata(cfg),
-                           on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game")
+                           on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game",
+                           layout=layout)
     t["game"] = time.perf_counter()
     return _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment)
 
@@ -138,9 +141,10 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
     run_dirs = [pathlib.Path(d) for d in run_dirs]
     environment = where_it_runs(cfgs[0])
     t = {"start": time.perf_counter()}
-    setting, built, play_step = _build(cfgs[0], progress)
-    builts = [built] + [setting.build(c, progress=progress) for c in cfgs[1:]]
+    setting, built, play_step, layout = _build(cfgs[0], progress)
+    builts = [built] + [setting.build(c, progress=progress, axis_name=built.spec.axis_name) for c in cfgs[1:]]
     t["built"] = time.perf_counter()
+    environment["layout"] = layout.describe()
     # The initial players and the evaluation key do not depend on the seed: one evaluation serves all.
     initial = _evaluate_initial(setting, built, cfgs[0])
     t["eval0"] = time.perf_counter()
@@ -157,22 +161,31 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
     state = stack_seeds([b.state for b in builts])
     consts = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[b.consts for b in builts])
     final = run_loop(play_step, state, cfgs[0].loop, group_dir, _metadata(*cfgs), on_chunk_end=on_chunk_end,
-                     consts=consts, desc=pathlib.Path(group_dir).name, seed_dirs=run_dirs)
+                     consts=consts, desc=pathlib.Path(group_dir).name, seed_dirs=run_dirs, layout=layout)
     t["game"] = time.perf_counter()
     return [_finish(c, d, setting, b, unstack_seeds(final, i), initial, m, dict(t), environment, len(cfgs))
             for i, (c, d, b, m) in enumerate(zip(cfgs, run_dirs, builts, members, strict=True))]
 
 
 def _build(cfg: Config, progress: bool):
-    """(setting, built, play_step); traces one step abstractly (seconds, no compilation) so that a bad
-    combination of settings fails now, not after the initial evaluation."""
+    """(setting, built, play_step, layout). The layout (`cfg.parallel`) is checked against the devices,
+    the batch and the models, and one step is traced abstractly (seconds, no compilation), so that a
+    bad combination of settings fails now, not after the initial evaluation."""
     setting = get_setting(cfg.setting)
-    built = setting.build(cfg, progress=progress)
+    layout = parallel.make_layout(cfg.parallel)
+    built = setting.build(cfg, progress=progress, axis_name=None if layout.is_mesh else parallel.DATA)
+    models = {"defender": built.spec.defender.models.policy_config,
+              "attacker": built.spec.attacker.models.policy_config}
+    parallel.check_model_fits_layout(layout, cfg.game.batch_size, models)
     play_step = make_play_step(built.spec)
-    jax.eval_shape(jax.pmap(play_step, axis_name=parallel.DATA_AXIS, in_axes=(0, 0, None)),
-                   jax.tree.map(lambda x: jnp.asarray(x)[None], built.state),
-                   jax.random.PRNGKey(0)[None], built.consts)
-    return setting, built, play_step
+    if layout.is_mesh:
+        with jax.set_mesh(layout.mesh):
+            jax.eval_shape(play_step, built.state, jax.random.PRNGKey(0), built.consts)
+    else:
+        jax.eval_shape(jax.pmap(play_step, axis_name=parallel.DATA, in_axes=(0, 0, None)),
+                       jax.tree.map(lambda x: jnp.asarray(x)[None], built.state),
+                       jax.random.PRNGKey(0)[None], built.consts)
+    return setting, built, play_step, layout
 
 
 def _evaluate_initial(setting, built, cfg: Config) -> dict:
@@ -182,7 +195,9 @@ def _evaluate_initial(setting, built, cfg: Config) -> dict:
 
 
 # options that may differ when a run is resumed (check_resume_config, config_fingerprint)
-RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu")
+# (the layout may change: checkpoints hold global arrays and no random draw depends on the layout)
+RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu") + tuple(
+    f"parallel.{f.name}" for f in dataclasses.fields(parallel.ParallelConfig))
 
 
 def config_fingerprint(*cfgs: Config) -> str:
@@ -315,4 +330,4 @@ def check_resume_config(cfg: Config, old: pathlib.Path) -> None:
     diff = config_diff(path.read_text(), cfg, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
-                         "resume with the same settings (only loop.total_steps and allow_cpu may change)")
+                         "resume with the same settings (only loop.total_steps, allow_cpu and the parallel layout may change)")

@@ -176,8 +176,11 @@ def sampling_distribution(logits: jax.Array, seen: jax.Array, cfg: SamplingConfi
     return jax.nn.log_softmax(jnp.where(keep, scores, -jnp.inf), axis=-1)
 
 
-def _choose(logits, seen, key, cfg: SamplingConfig):
-    """One draw. logits [B, V], seen [B, V] -> (token [B] int32, logprob [B], policy logprob [B])."""
+def _choose(logits, seen, key, cfg: SamplingConfig, row_offset=0, total_rows: int | None = None):
+    """One draw. logits [B, V], seen [B, V] -> (token [B] int32, logprob [B], policy logprob [B]).
+
+    The uniforms are drawn for all `total_rows` rows of the global batch and this call takes rows
+    [row_offset, row_offset + B): a row's draw does not depend on how the batch is split."""
     b, v = logits.shape
     scores, keep = processed_logits(logits, seen, cfg)
     masked = jnp.where(keep, scores, -jnp.inf)
@@ -190,7 +193,10 @@ def _choose(logits, seen, key, cfg: SamplingConfig):
         # on CPU). count(c <= u) picks i with c_{i-1} <= u < c_i, so dropped tokens (zero-width
         # intervals) are never chosen; the clamp guards u rounding up to the total mass.
         cdf = jnp.cumsum(jnp.exp(masked - top), axis=-1)
-        u = jax.random.uniform(key, (b, 1), jnp.float32) * cdf[:, -1:]
+        u = jax.random.uniform(key, (total_rows or b, 1), jnp.float32)
+        if total_rows is not None and total_rows != b:
+            u = jax.lax.dynamic_slice_in_dim(u, row_offset, b)
+        u = u * cdf[:, -1:]
         last_kept = jnp.max(jnp.where(keep, jnp.arange(v, dtype=jnp.int32), -1), axis=-1)
         token = jnp.minimum(jnp.sum(cdf <= u, axis=-1, dtype=jnp.int32), last_kept)
         log_z = top[:, 0] + jnp.log(cdf[:, -1])  # the CDF's total is the normaliser: no extra pass
@@ -224,6 +230,9 @@ def sample(
     sampling_cfg: SamplingConfig,
     eos_id: int | Sequence[int] | None,
     pad_id: int,
+    *,
+    row_offset: jax.Array | int = 0,
+    total_rows: int | None = None,
 ) -> SampleOutput:
     """Sample N = sampling_cfg.max_new_tokens tokens after each left-padded prompt.
 
@@ -237,6 +246,9 @@ def sample(
       eos_id: int, tuple of ints, or None (static). A row stops after emitting one of them; the EOS
         itself is part of the response (mask 1), later tokens are `pad_id` with mask 0.
       pad_id: int (static), written after EOS.
+      row_offset, total_rows: when these B rows are rows [row_offset, row_offset + B) of a global
+        batch of `total_rows` (static) split over devices (pmap), the random draws are those of the
+        global batch's rows, so the samples do not depend on the split. Default: the whole batch.
 
     Returns: `SampleOutput(tokens [B, N], logprobs [B, N], mask [B, N], policy_logprobs [B, N])`.
 
@@ -259,11 +271,13 @@ def sample(
                 raise ValueError("every prompt needs at least one real token, left-padded (mask[:, -1] == 1)")
             if np.any(np.diff(m.astype(bool).astype(np.int8), axis=-1) < 0):
                 raise ValueError("prompts must be left-padded: a 0 follows a 1 in prompt_mask")
-    return _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, _eos_tuple(eos_id), pad_id)
+    return _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, _eos_tuple(eos_id), pad_id,
+                   jnp.asarray(row_offset, jnp.int32), total_rows)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling_cfg", "eos_id", "pad_id"))
-def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_id, pad_id) -> SampleOutput:
+@functools.partial(jax.jit, static_argnames=("config", "sampling_cfg", "eos_id", "pad_id", "total_rows"))
+def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_id, pad_id, row_offset,
+            total_rows) -> SampleOutput:
     chex.assert_rank([prompt_tokens, prompt_mask], 2)
     chex.assert_equal_shape([prompt_tokens, prompt_mask])
     b, p = prompt_tokens.shape
@@ -306,7 +320,8 @@ def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_i
         seen,
     )
     key, sub = jax.random.split(key)
-    token, lp, plp = _choose(logits, seen, sub, sampling_cfg)
+    choose = functools.partial(_choose, cfg=sampling_cfg, row_offset=row_offset, total_rows=total_rows)
+    token, lp, plp = choose(logits, seen, sub)
     state = emit(0, token, lp, plp, state)
 
     def cond(carry):
@@ -320,7 +335,7 @@ def _sample(params, config, prompt_tokens, prompt_mask, key, sampling_cfg, eos_i
             positions=(n_real + t - 1)[:, None], cache=cache,
         )
         key, sub = jax.random.split(key)
-        token, lp, plp = _choose(lm_logits(params, config, h[:, 0]), state[5], sub, sampling_cfg)
+        token, lp, plp = choose(lm_logits(params, config, h[:, 0]), state[5], sub)
         state = emit(t, token, lp, plp, state)
         return t + 1, jnp.where(state[4], pad_id, token), cache, key, state
 

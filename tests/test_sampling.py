@@ -361,7 +361,8 @@ def test_decode_loop_copies_no_cache_or_weights():
     cfg = SamplingConfig(max_new_tokens=8, temperature=0.8, top_p=0.9, repetition_penalty=1.1)
     params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     prompt = jax.ShapeDtypeStruct((3, 5), jnp.int32)
-    lowered = _sample.lower(params, config, prompt, prompt, jax.random.key(0), cfg, _eos_tuple(None), 0)
+    lowered = _sample.lower(params, config, prompt, prompt, jax.random.key(0), cfg, _eos_tuple(None), 0,
+                            jnp.int32(0), None)
     comps = _hlo_computations(lowered.compile().as_text())
     # The decode loop is the while of the entry computation with the largest body (the prefill is inline).
     bodies = [line.split("body=%")[1].split(",")[0] for line in comps["ENTRY"] if " while(" in line]

@@ -17,7 +17,8 @@ from alignjax.game.loop import read_metrics
 
 CFG = copy.deepcopy(TINY)
 CFG["world"].update(defender_sft_steps=5, attacker_sft_steps=5)
-CFG["loop"].update(total_steps=2, chunk_size=1, check_replicas=False, num_devices=2)
+CFG["loop"].update(total_steps=2, chunk_size=1, check_replicas=False)
+CFG["parallel"] = {"data": 2}
 CFG["eval"] = {"every_chunks": 1}
 
 

@@ -1,14 +1,16 @@
 """The run's PRNG streams, named once. Every random draw of an experiment comes from one of these.
 
     run_key(seed)              GameState.rng: the base key of the game (checkpointed with the state)
-      step_key(rng, t, axis)   step t on device d: fold_in(fold_in(rng, t), d)       (game.loop)
+      step_key(rng, t)         step t: fold_in(fold_in(rng, t), 0), the same on every device  (game.loop)
       data_key(rng)            the seed order: epoch e is permutation(fold_in(data_key, e), N)
     init_keys(seed)            (defender critic head, attacker critic head, Paraphrase rewrites)
     embedder_key(seed)         the bag-of-words embedder's fixed random table
     eval_key(eval_seed)        initial / final / in-game evaluations (cfg.eval.seed)
 
-Streams are pure functions of (seed, step, device): a resumed run draws exactly the keys of an
-uninterrupted one, and no two consumers share a key.
+Streams are pure functions of (seed, step): a resumed run draws exactly the keys of an uninterrupted
+one, and no two consumers share a key. No key depends on the device or the layout: a draw per batch
+row is indexed by the global row (sampling.sample's `row_offset`), so one device, pmap over D devices
+and any mesh draw the same numbers.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ def run_key(seed: int) -> jax.Array:
     return jax.random.PRNGKey(seed)
 
 
-def step_key(rng: jax.Array, step: jax.Array, axis_name: str | None) -> jax.Array:
-    """Key of one step on one device: fold_in(fold_in(rng, step), device index)."""
-    key = jax.random.fold_in(rng, step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return key
+def step_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """Key of one step, the same on every device: fold_in(fold_in(rng, step), 0).
+
+    The trailing fold_in(., 0) is what device 0 folded in when keys were per device (before the mesh
+    layouts): single-device runs made then reproduce bitwise now."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), 0)
 
 
 def data_key(rng: jax.Array) -> jax.Array:

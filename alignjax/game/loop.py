@@ -1,4 +1,5 @@
-"""The host driver: chunks of `lax.scan`-ed steps under `jax.pmap`, Orbax saves, exact resume, logs.
+"""The host driver: chunks of `lax.scan`-ed steps under `jax.pmap` or a mesh `jax.jit`, Orbax saves,
+exact resume, logs.
 
 The loop is generic over the step function; the game plugs `game.step.play_step` into it.
 
@@ -7,23 +8,31 @@ State protocol: the state is a pytree (NamedTuple) with two fields the loop read
     step  [] int32     number of finished steps (the loop increments it; stages are a function of it)
     rng   [2] uint32   the run's base PRNG key (raw key; never split in place)
 
-and `step_fn(state, key, consts) -> (state, metrics)` runs *one device's share* of one step (the batch axis is
-sharded over the pmap axis `axis_name`; gradients / metrics are `lax.pmean`-ed inside). The key of
-step t on device d is `fold_in(fold_in(rng, t), d)`: a pure function of the step counter, so a resumed
-run draws exactly the keys an uninterrupted run draws. The state must be identical on all devices
-(replicated); the loop saves replica 0.
+and `step_fn(state, key, consts) -> (state, metrics)` runs one step on its share of the batch. The key
+of step t is `keys.step_key(rng, t)`, the same on every device and a pure function of the step
+counter, so a resumed run draws exactly the keys an uninterrupted run draws.
 
-One chunk = `lax.scan(step_fn)` over K steps inside one `jax.pmap` call; between chunks, on the host:
+Two layouts (alignjax.parallel; `layout` argument, default pmap over all local devices):
 
-    1. fetch the chunk's metrics [K] (device 0) and append them to `metrics.jsonl` + TensorBoard;
+- pmap: the chunk is `jax.pmap`-ed over DATA; the step function was built with axis_name "data"
+  (it reduces with collectives); every device holds the whole state; the loop saves replica 0 and
+  feeds each chunk from the host.
+- mesh: the chunk is one `jax.jit` whose state is sharded by `parallel.rules` (constrained at entry and
+  exit, so every chunk compiles once and keeps the layout); the step function was built with
+  axis_name None. The state stays on the devices between chunks (its buffers are donated to the next
+  chunk), only the metrics are fetched, and Orbax saves the sharded arrays (each process its shards).
+
+One chunk = `lax.scan(step_fn)` over K steps; between chunks, on the host:
+
+    1. fetch the chunk's metrics [K] and append them to `metrics.jsonl` + TensorBoard;
     2. call `on_chunk_end(step, state)` (evaluation hooks; extra scalars are logged too);
     3. save the state with `CheckpointStore` (Orbax) under `<run_dir>/checkpoints/<step>`.
 
 Seeds as one program (`seed_dirs`, used by studies): the state carries a leading seed axis on every
 leaf but `step` (shared: all seeds are at the same step, so the stage switch stays a real branch), the
-chunk is `jax.vmap`-ed over that axis inside the pmap, and seed i's metrics go to
-`seed_dirs[i]/metrics.jsonl`. Each seed computes what it would compute alone; the compiled program
-differs, so over a long run the seeds drift from separate runs in the last bits (the game is chaotic).
+chunk is `jax.vmap`-ed over that axis, and seed i's metrics go to `seed_dirs[i]/metrics.jsonl`. Each
+seed computes what it would compute alone; the compiled program differs, so over a long run the
+seeds drift from separate runs in the last bits (the game is chaotic).
 
 Resume: `run_loop` on a run folder that holds checkpoints restores the newest one that reads back
 cleanly (a damaged latest step falls back to the previous one with a warning), drops the metric lines
@@ -57,7 +66,6 @@ class LoopConfig:
     total_steps: int = 100  # number of game steps (PPO updates of the learning player(s))
     chunk_size: int = 10  # steps per scanned + pmapped chunk; a checkpoint is written after each
     max_to_keep: int = 2  # checkpoints kept (>= 2 so a damaged latest one has a fallback)
-    num_devices: int = 0  # devices of the data axis; 0 = all local devices
     tensorboard: bool = True
     check_replicas: bool = False  # after each chunk, verify the state is bitwise equal on all devices
 
@@ -68,15 +76,12 @@ class LoopConfig:
             )
 
 
-AXIS = parallel.DATA_AXIS
-
-
-def make_chunk_fn(step_fn: Callable, length: int, axis_name: str = AXIS) -> Callable:
-    """`chunk(state, consts) -> (state, metrics[K])` on one device: `lax.scan` of `length` steps."""
+def make_chunk_fn(step_fn: Callable, length: int) -> Callable:
+    """`chunk(state, consts) -> (state, metrics[K])`: `lax.scan` of `length` steps."""
 
     def chunk(state, consts):
         def body(state, _):
-            key = keys.step_key(state.rng, state.step, axis_name)
+            key = keys.step_key(state.rng, state.step)
             new_state, metrics = step_fn(state, key, consts)
             chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
             new_state = _with_step(new_state, state.step + 1)
@@ -98,11 +103,35 @@ def pmapped_chunk(step_fn: Callable, length: int, devices: tuple,
     """The compiled chunk for (step_fn, length, devices), cached so that several runs in one process
     (a resumed run, tests) reuse one compilation. `seed_axis_of`: the state's NamedTuple type when the
     state (but `step`) and the consts carry a leading seed axis; the chunk is then vmapped over it."""
-    chunk = make_chunk_fn(step_fn, length)
-    if seed_axis_of is not None:
-        axes = seed_axes(seed_axis_of)
-        chunk = jax.vmap(chunk, in_axes=(axes, 0), out_axes=(axes, 0))
-    return jax.pmap(chunk, axis_name=AXIS, devices=list(devices), in_axes=(0, None))
+    chunk = _seed_vmapped(make_chunk_fn(step_fn, length), seed_axis_of)
+    return jax.pmap(chunk, axis_name=parallel.DATA, devices=list(devices), in_axes=(0, None))
+
+
+@functools.lru_cache(maxsize=16)
+def mesh_chunk(step_fn: Callable, length: int, layout: parallel.Layout,
+               seed_axis_of: type | None = None) -> Callable:
+    """The chunk as one `jax.jit` over `layout.mesh` (cached like `pmapped_chunk`). The state is
+    constrained to `parallel.state_shardings` at entry and exit (so outputs keep the inputs' layout
+    and the next chunk reuses the compilation), the metrics are replicated, the state's buffers are
+    donated. Call it under `jax.set_mesh(layout.mesh)` (the step constrains its batch to BATCH)."""
+    chunk = _seed_vmapped(make_chunk_fn(step_fn, length), seed_axis_of)
+    prefix = seed_axes(seed_axis_of) if seed_axis_of is not None else None
+
+    def sharded(state, consts):
+        shardings = parallel.state_shardings(state, layout.mesh, prefix)
+        state = jax.lax.with_sharding_constraint(state, shardings)
+        state, metrics = chunk(state, consts)
+        metrics = jax.lax.with_sharding_constraint(metrics, layout.replicated())
+        return jax.lax.with_sharding_constraint(state, shardings), metrics
+
+    return jax.jit(sharded, donate_argnums=0)
+
+
+def _seed_vmapped(chunk: Callable, seed_axis_of: type | None) -> Callable:
+    if seed_axis_of is None:
+        return chunk
+    axes = seed_axes(seed_axis_of)
+    return jax.vmap(chunk, in_axes=(axes, 0), out_axes=(axes, 0))
 
 
 def seed_axes(state_type: type):
@@ -124,25 +153,15 @@ def unstack_seeds(state, i: int):
     return _with_step(jax.tree.map(lambda x: x[i], _with_step(state, None)), state.step)
 
 
-def to_host(tree):
-    """Device arrays -> NumPy with strong dtypes (so fresh and restored states compile identically)."""
-    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
-
-
-def replicate(tree, n_devices: int):
-    """Host copies stacked on a leading device axis; `jax.pmap` shards them over its devices."""
-    return jax.tree.map(lambda x: np.stack([x] * n_devices), to_host(tree))
-
-
-def unreplicate(tree):
-    return jax.tree.map(lambda x: np.asarray(x[0]), tree)
-
-
 class MetricLog:
     """Per-step scalars to `metrics.jsonl` (one JSON object per line) and optionally TensorBoard."""
 
-    def __init__(self, run_dir: pathlib.Path, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir: pathlib.Path, resume_step: int, tensorboard: bool, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled  # multi-host: only process 0 writes
+        self._file = self._tb = None
+        if not enabled:
+            return
         if self.path.exists():
             # Lines after the restored checkpoint come from a chunk that was never saved: drop them
             # so the log equals that of an uninterrupted run.
@@ -160,6 +179,8 @@ class MetricLog:
     def write(self, record: dict):
         """Append one record of scalars as written (the loop stops after writing a chunk whose
         records hold a non-finite value; its checkpoint is not written, and a resume drops the lines)."""
+        if not self.enabled:
+            return
         record = {k: (v.item() if hasattr(v, "item") else v) for k, v in record.items()
                   if np.ndim(v) == 0}
         self._file.write(json.dumps(record) + "\n")
@@ -169,11 +190,15 @@ class MetricLog:
                     self._tb.add_scalar(k, v, record["step"])
 
     def flush(self):
+        if not self.enabled:
+            return
         self._file.flush()
         if self._tb is not None:
             self._tb.flush()
 
     def close(self):
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
@@ -197,11 +222,14 @@ def run_loop(
     desc: str = "game",
     consts: Any = None,
     seed_dirs: list | None = None,
+    layout: parallel.Layout | None = None,
 ):
-    """Run (or resume) the chunked loop until `cfg.total_steps`; return the final state (host NumPy).
+    """Run (or resume) the chunked loop until `cfg.total_steps`; return the final state (pmap: host
+    NumPy; mesh: the sharded device arrays).
 
     Args:
-      step_fn: `(state, key, consts) -> (state, metrics dict of scalars)`, per device, pmean inside.
+      step_fn: `(state, key, consts) -> (state, metrics dict of scalars)`: under pmap per device with
+        collectives over "data" inside; under a mesh on the global batch (axis_name None).
       init_state: the state at step 0 (host or device arrays); also the restore target, so its
         structure and dtypes define the checkpoint layout.
       run_dir: the run folder; checkpoints go to `run_dir/checkpoints`.
@@ -215,24 +243,33 @@ def run_loop(
         simulates a process killed after the chunk ran but before its checkpoint was written.
       seed_dirs: S folders when `init_state` (a NamedTuple) and `consts` are seed-stacked
         (`stack_seeds`): the chunk is vmapped over seeds and seed i's metrics go to seed_dirs[i].
+      layout: `parallel.make_layout(...)`; default pmap over all local devices.
     """
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    devices = _devices(cfg)
+    layout = layout or parallel.make_layout(parallel.ParallelConfig())
+    seed_axis_of = type(init_state) if seed_dirs is not None else None
     store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
-    state, start = _restore_or_init(store, to_host(init_state), (metadata or {}).get("fingerprint"))
+    shardings = None
+    if layout.is_mesh:
+        prefix = seed_axes(seed_axis_of) if seed_axis_of is not None else None
+        shardings = parallel.state_shardings(init_state, layout.mesh, prefix)
+    state, start = _restore_or_init(store, init_state, (metadata or {}).get("fingerprint"), shardings)
     log_dirs = [pathlib.Path(d) for d in seed_dirs] if seed_dirs is not None else [run_dir]
     for d in log_dirs:
         d.mkdir(parents=True, exist_ok=True)
-    logs = [MetricLog(d, start, cfg.tensorboard) for d in log_dirs]
-    seed_axis_of = type(init_state) if seed_dirs is not None else None
+    primary = jax.process_index() == 0
+    logs = [MetricLog(d, start, cfg.tensorboard, enabled=primary) for d in log_dirs]
     consts = jax.tree.map(np.asarray, consts)
-    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    if layout.is_mesh:  # sent once, replicated; the state stays on the devices from here on
+        consts = parallel.place(consts, jax.tree.map(lambda _: layout.replicated(), consts))
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+               disable=not primary)
     try:
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
-            state, per_seed = _run_chunk(step_fn, state, consts, length, devices, cfg.check_replicas,
+            state, per_seed = _run_chunk(step_fn, state, consts, length, layout, cfg.check_replicas,
                                          seed_axis_of)
             seconds, start = time.perf_counter() - t0, start + length
             for log, records in zip(logs, per_seed, strict=True):
@@ -261,21 +298,18 @@ def run_loop(
     return state
 
 
-def _devices(cfg: LoopConfig) -> tuple:
-    n_dev = cfg.num_devices or jax.local_device_count()
-    devices = jax.local_devices()[:n_dev]
-    if len(devices) < n_dev:
-        raise ValueError(f"loop.num_devices={n_dev} but only {len(devices)} local devices")
-    return tuple(devices)
-
-
-def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None = None) -> tuple[Any, int]:
+def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None = None,
+                     shardings: Any = None) -> tuple[Any, int]:
     """(state, step): the newest checkpoint that reads back cleanly (damaged later ones moved aside),
-    or the initial state. A checkpoint whose metadata holds another config `fingerprint` than this
+    or the initial state (host NumPy; with `shardings`, restored sharded onto the mesh, whatever the
+    layout that saved it). A checkpoint whose metadata holds another config `fingerprint` than this
     run's is never restored: that is an error naming both."""
-    restored = store.restore(init_state)
+    init_state = parallel.to_host(init_state)
+    restored = store.restore(init_state, shardings=shardings)
     if restored is None:
-        return init_state, int(init_state.step)
+        if shardings is not None:
+            init_state = parallel.place(init_state, shardings)
+        return init_state, int(parallel.fetch(init_state.step))
     theirs = restored.metadata.get("fingerprint")
     if fingerprint is not None and theirs is not None and theirs != fingerprint:
         raise ValueError(f"checkpoint {restored.step} in {store.directory} was written by a run with "
@@ -284,30 +318,38 @@ def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None
     state, start = restored.tree, restored.step
     for path in store.quarantine_after(start):
         tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
-    if int(state.step) != start:
-        raise RuntimeError(f"checkpoint {start} in {store.directory} holds state.step={int(state.step)}")
+    if int(parallel.fetch(state.step)) != start:
+        raise RuntimeError(f"checkpoint {start} in {store.directory} holds state.step="
+                           f"{int(parallel.fetch(state.step))}")
     tqdm.write(f"[alignjax] resumed from {store.directory / str(start)} (step {start})")
     return state, start
 
 
-def _run_chunk(step_fn, state, consts, length: int, devices: tuple, check_replicas: bool,
+def _run_chunk(step_fn, state, consts, length: int, layout: parallel.Layout, check_replicas: bool,
                seed_axis_of: type | None = None):
-    """One pmapped chunk from a host state: (new host state, [per seed: the steps' selected metric
-    records]); one seed unless `seed_axis_of` (the state type of a seed-stacked state)."""
-    # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
-    # cache on input shardings, so feeding back its own device outputs would compile the
-    # chunk a second time; the state is fetched to the host after every chunk anyway (save).
-    chunk = pmapped_chunk(step_fn, length, devices, seed_axis_of)
-    state_r, metrics = chunk(replicate(state, len(devices)), consts)
-    if check_replicas and not all_equal_across_devices(state_r):
-        raise RuntimeError(f"game state diverged across devices in the chunk ending at step "
-                           f"{int(np.asarray(state_r.step)[0])}")
-    metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
+    """One chunk: (new state, [per seed: the steps' selected metric records]); one seed unless
+    `seed_axis_of` (the state type of a seed-stacked state). pmap: from and to a host state; mesh:
+    device state in (donated), device state out."""
+    if layout.is_mesh:
+        with jax.set_mesh(layout.mesh):
+            state, metrics = mesh_chunk(step_fn, length, layout, seed_axis_of)(state, consts)
+        metrics = parallel.fetch(metrics)
+    else:
+        # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
+        # cache on input shardings, so feeding back its own device outputs would compile the
+        # chunk a second time; the state is fetched to the host after every chunk anyway (save).
+        chunk = pmapped_chunk(step_fn, length, layout.devices, seed_axis_of)
+        state_r, metrics = chunk(parallel.replicate_host(state, len(layout.devices)), consts)
+        if check_replicas and not all_equal_across_devices(state_r):
+            raise RuntimeError(f"game state diverged across devices in the chunk ending at step "
+                               f"{int(np.asarray(state_r.step)[0])}")
+        metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
+        state = parallel.to_host(parallel.unreplicate(state_r))
     per_seed = [metrics] if seed_axis_of is None else [
         {k: v[i] for k, v in metrics.items()} for i in range(len(next(iter(metrics.values()))))]
     records = [[game_metrics.select({k: v[t] for k, v in m.items()}) for t in range(length)]
                for m in per_seed]
-    return unreplicate(state_r), records
+    return state, records
 
 
 def _postfix_keys(record: dict) -> list[str]:

@@ -115,7 +115,8 @@ class GameSpec:
       prompt without template or EOS); the setting provides it.
     embed: optional `(params, tokens [B, L], lengths [B]) -> [B, E]` sentence embedder; embed_dim: E
       (the history's embedding width; 1 without an embedder).
-    axis_name: the data axis of `jax.pmap` (None on one device)."""
+    axis_name: the data axis of `jax.pmap`; None on one device and under a mesh (`parallel`), where
+      the step runs on the global batch and GSPMD inserts the collectives."""
 
     cfg: GameConfig
     defender: Role
@@ -170,7 +171,8 @@ def draw_batch(consts: GameConsts, cursor: jax.Array, rng: jax.Array, global_bat
     data_key = keys.data_key(rng)
     perms = jnp.stack([jax.random.permutation(jax.random.fold_in(data_key, epoch0 + i), n) for i in (0, 1)])
     idx = perms[c // n - epoch0, c % n]
-    return (consts.seed_tokens[idx], consts.seed_mask[idx]), cursor + global_batch
+    batch = parallel.constrain_batch((consts.seed_tokens[idx], consts.seed_mask[idx]))
+    return batch, cursor + global_batch
 
 
 def left_to_right(tokens: jax.Array, mask: jax.Array, pad_id: int) -> tuple[jax.Array, jax.Array]:
@@ -205,10 +207,13 @@ def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameCo
     chex.assert_equal_shape([seed_tokens, seed_mask])
     cfg = spec.cfg
     k_att, k_def = jax.random.split(key)
+    # the draws of global rows [offset, offset + b): samples do not depend on the layout
+    rows = dict(row_offset=parallel.row_offset(seed_tokens.shape[0], spec.axis_name),
+                total_rows=cfg.batch_size)
     a_in, a_mask = spec.attacker.inputs(seed_tokens, seed_mask)
     if cfg.prompt_source == "attacker":
         out = sample(state.attacker.policy_params, spec.attacker.models.policy_config, a_in, a_mask, k_att,
-                     cfg.attacker_sampling, spec.eos_id, spec.pad_id)
+                     cfg.attacker_sampling, spec.eos_id, spec.pad_id, **rows)
         x, x_mask = out.tokens, out.mask
     else:  # the seed itself is the prompt (RLHF / Paraphrase)
         x, x_mask = seeds_as_prompts(spec, seed_tokens, seed_mask)
@@ -216,7 +221,7 @@ def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameCo
     x_bare_mask = hist.length_mask(x_len, x.shape[1])  # x without EOS: what the judge and history see
     d_in, d_mask = spec.defender.inputs(x, x_bare_mask)
     y = sample(state.defender.policy_params, spec.defender.models.policy_config, d_in, d_mask, k_def,
-               cfg.defender_sampling, spec.eos_id, spec.pad_id)
+               cfg.defender_sampling, spec.eos_id, spec.pad_id, **rows)
     scores = spec.referee(consts.judge, x, x_bare_mask, y.tokens, y.mask)
     chex.assert_shape([scores.defender, scores.attacker_p_safe, scores.attacker_p_unsafe],
                       (seed_tokens.shape[0],))

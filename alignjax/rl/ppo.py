@@ -14,8 +14,8 @@ of each sequence then over sequences ("seq_mean"). Policy and critic have their 
 
 Data parallel: with `axis_name` set (inside `jax.pmap(..., axis_name="data")`) every device holds a
 slice of the batch; loss numerators are local and denominators global, and gradients are summed with
-`lax.psum`, so the update equals the single-device update on the concatenated batch (with one
-minibatch; with several, each device shuffles its own slice).
+`lax.psum`, so the update equals the single-device update on the concatenated batch (with several
+minibatches too: the minibatch permutation is global, `global_minibatches`).
 
 Non-finite values: every quantity that could blow up (experience, losses, gradient norms) is checked
 in-graph. A minibatch with a non-finite loss or gradient is not applied, and if anything in the
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from alignjax.parallel import psum
+from alignjax.parallel import all_gather, axis_index, psum
 from alignjax.rl import kernels
 from alignjax.rl.experience import Experience, PPOConfig, Rollout, compute_experience, model_inputs
 from alignjax.rl.state import PlayerState, current_lr
@@ -139,6 +139,27 @@ def _is_finite(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x))
 
 
+def global_minibatches(exp: Experience, key: jax.Array, nm: int, axis_name: str | None) -> Experience:
+    """This device's rows of `nm` minibatches of a global random permutation: [b, ...] -> [nm, b / nm, ...].
+
+    The permutation `permutation(key, B)` is over the global batch (B = b x devices; rows in device
+    order): minibatch j is global rows perm[j B/nm : (j+1) B/nm], and device d takes its d-th slice of
+    b/nm of them. So the minibatches, and with the psum-ed gradients the update, do not depend on how
+    the batch is split (one device, pmap, or a mesh where the arrays are global)."""
+    b = exp.response_tokens.shape[0]
+    full = jax.tree.map(lambda x: all_gather(x, axis_name), exp)
+    n_global = full.response_tokens.shape[0]
+    perm = jax.random.permutation(key, n_global)
+    mb = b // nm
+    offset = axis_index(axis_name) * mb
+
+    def split(x):
+        x = x[perm].reshape((nm, n_global // nm) + x.shape[1:])
+        return x if n_global == b else jax.lax.dynamic_slice_in_dim(x, offset, mb, axis=1)
+
+    return jax.tree.map(split, full)
+
+
 def ppo_epochs(
     state: PlayerState,
     exp: Experience,
@@ -191,12 +212,10 @@ def ppo_epochs(
         return carry, (metrics, ok)
 
     def epoch(carry, epoch_key):
-        if nm > 1:
-            perm = jax.random.permutation(epoch_key, b)
-            data = jax.tree.map(lambda x: x[perm], exp)
+        if nm == 1:
+            data = jax.tree.map(lambda x: x[None], exp)
         else:
-            data = exp
-        data = jax.tree.map(lambda x: x.reshape((nm, mb_size) + x.shape[1:]), data)
+            data = global_minibatches(exp, epoch_key, nm, axis_name)
         return jax.lax.scan(minibatch_step, carry, data)
 
     carry0 = (state.policy_params, state.policy_opt_state, state.critic_params, state.critic_opt_state)

@@ -1,4 +1,4 @@
-"""Data parallelism with `jax.pmap` over one axis named "data".
+"""pmap's data parallelism over the DATA axis, and the collectives the step functions call.
 
 Each device holds a slice of the global batch and a replica of the state; inside the mapped
 function, gradients and metrics are combined with `lax.psum` / `lax.pmean` over `DATA_AXIS`.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATA_AXIS = "data"
+from alignjax.parallel.axes import DATA_AXIS
 
 
 def num_devices(devices: Sequence[jax.Device] | None = None) -> int:
@@ -59,6 +59,17 @@ def replicate(tree: Any, n: int | None = None) -> Any:
 def unreplicate(tree: Any) -> Any:
     """The first replica of every leaf: [n, ...] -> [...]."""
     return jax.tree.map(lambda x: x[0], tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Device arrays -> NumPy with strong dtypes (so fresh and restored states compile identically)."""
+    return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
+
+
+def replicate_host(tree: Any, n: int) -> Any:
+    """Host copies stacked on a leading device axis [n, ...]: pmap's replicated input, built on the
+    host so that pmap places one copy per device (no device-side broadcast of the whole state)."""
+    return jax.tree.map(lambda x: np.stack([x] * n), to_host(tree))
 
 
 def pmean(tree: Any, axis_name: str | None = DATA_AXIS) -> Any:
