@@ -35,10 +35,12 @@ class Restored(NamedTuple):
 
 
 def _abstract(tree, shardings=None):
-    """ShapeDtypeStruct leaves: unsharded (restored leaves come back as plain arrays), or with the
-    given shardings (restored as global arrays in that layout; each process reads its shards)."""
+    """ShapeDtypeStruct leaves with the given shardings (restored as global arrays in that layout; each
+    process reads its shards), or whole on this process's first device. A target sharding is always
+    given: a checkpoint written sharded (mesh mode, any device count) then restores onto any layout."""
+    whole = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-    def leaf(x, sh=None):
+    def leaf(x, sh=whole):
         x = np.asarray(x) if not isinstance(x, jax.Array | jax.ShapeDtypeStruct) else x
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
 

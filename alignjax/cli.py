@@ -2,7 +2,9 @@
 
 `experiments/NAME.yaml` holds `runner: <module under alignjax>` and a `config:` mapping, optionally
 `base: <another experiment>` whose config it extends (a baseline then states only what defines it).
-The runner module exposes a dataclass `Config` and `run(cfg, run_dir) -> None`. The resolved config is written
+The runner module exposes a dataclass `Config` and `run(cfg, run_dir) -> None` (and optionally
+`resolve(cfg) -> cfg`, which makes machine-dependent defaults explicit before the config is written).
+The resolved config is written
 to `runs/NAME/<timestamp>/config.yaml` before the run starts.
 """
 
@@ -94,6 +96,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     primary = _start_processes(cfg)
+    if hasattr(module, "resolve"):  # this machine's defaults, made explicit in config.yaml
+        cfg = module.resolve(cfg)
     run_dir = pathlib.Path("runs") / name / _stamp()
     run_dir.mkdir(parents=True, exist_ok=True)
     if primary:

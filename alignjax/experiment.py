@@ -40,6 +40,7 @@ from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.loop import LoopConfig, run_loop, stack_seeds, unstack_seeds
 from alignjax.game.step import GameConfig, make_play_step
+from alignjax.models.precision import PrecisionConfig, remat_policy
 from alignjax.rewards.embedding import EmbedderConfig
 from alignjax.rl.state import OptimizerConfig
 from alignjax.settings import RealConfig, get_setting
@@ -82,6 +83,19 @@ class Config:
     resume: str = ""  # an earlier run folder (runs/NAME/<timestamp>) to continue from its last checkpoint
     allow_cpu: bool = False  # run on the CPU although the machine has an accelerator (alignjax/backend.py)
     parallel: parallel.ParallelConfig = dataclasses.field(default_factory=parallel.ParallelConfig)
+    # params (and Adam moments) dtype / forward-backward dtype; "auto" compute: bf16 on GPU/TPU, f32 on CPU
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
+    remat: str = "none"  # rematerialisation of each layer in the PPO backward passes: none | full | dots
+    plan: bool = False  # print the memory plan of this layout (alignjax/plan.py) instead of running
+
+    def __post_init__(self):
+        remat_policy(self.remat)
+
+
+def resolve(cfg: Config) -> Config:
+    """The config with this machine's defaults made explicit (written to config.yaml): "auto" compute
+    precision becomes bfloat16 on GPU/TPU and float32 on CPU (alignjax/models/precision.py)."""
+    return dataclasses.replace(cfg, precision=cfg.precision.resolve(jax.default_backend()))
 
 
 def check_config(cfg: Config) -> None:
@@ -107,6 +121,11 @@ def evaluation_due(step: int, cfg: Config) -> bool:
 
 def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     """Run (or resume, when run_dir holds checkpoints) one experiment; returns the results dict."""
+    cfg = resolve(cfg)
+    if cfg.plan:  # compile the game chunk abstractly on a virtual mesh; no weights are read
+        from alignjax import plan
+
+        return plan.run(cfg, run_dir)
     check_config(cfg)
     environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
@@ -134,6 +153,7 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
     states stacked on a seed axis and the chunk `jax.vmap`-ed over it (game.loop.run_loop(seed_dirs=)).
     Each run folder gets what `run` writes; the stacked checkpoints live in `group_dir`. Resumes from
     `group_dir`'s checkpoints. Returns the results of each seed, in order."""
+    cfgs = [resolve(c) for c in cfgs]
     for c in cfgs:
         check_config(c)
         if dataclasses.replace(c, seed=cfgs[0].seed) != cfgs[0]:
@@ -196,7 +216,7 @@ def _evaluate_initial(setting, built, cfg: Config) -> dict:
 
 # options that may differ when a run is resumed (check_resume_config, config_fingerprint)
 # (the layout may change: checkpoints hold global arrays and no random draw depends on the layout)
-RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu") + tuple(
+RESUMABLE_CHANGES = ("resume", "loop.total_steps", "allow_cpu", "plan") + tuple(
     f"parallel.{f.name}" for f in dataclasses.fields(parallel.ParallelConfig))
 
 
@@ -330,4 +350,5 @@ def check_resume_config(cfg: Config, old: pathlib.Path) -> None:
     diff = config_diff(path.read_text(), cfg, ignore=RESUMABLE_CHANGES)
     if diff:
         raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
-                         "resume with the same settings (only loop.total_steps, allow_cpu and the parallel layout may change)")
+                         "resume with the same settings (only loop.total_steps, allow_cpu and the parallel "
+                         "layout may change)")

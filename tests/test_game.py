@@ -18,9 +18,9 @@ from alignjax import experiment as E
 from alignjax.config import build_config
 from alignjax.game import schedule as sched
 from alignjax.game.loop import NonFiniteMetricError, read_metrics, run_loop
-from alignjax.parallel import replicate_host as replicate
 from alignjax.game.step import make_play_step, play
 from alignjax.models import llama
+from alignjax.parallel import replicate_host as replicate
 from alignjax.settings.synthetic import SyntheticSetting
 from alignjax.worlds import grammar as G
 from alignjax.worlds.base import Player, Players

@@ -47,7 +47,7 @@ SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3 = the fixtures' pad / b
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)  # fmt: skip
 BUDGET = [
-    "game.batch_size=4", "parallel.data=2", "loop.total_steps=4", "loop.chunk_size=2",
+    "game.batch_size=4", "parallel.mode=pmap", "parallel.data=2", "loop.total_steps=4", "loop.chunk_size=2",
     "loop.check_replicas=true", "game.schedule.preset=custom", "game.schedule.n_def=1",
     "game.schedule.n_att=1", "game.attacker_sampling.max_new_tokens=6",
     "game.defender_sampling.max_new_tokens=6", "game.history_capacity=16", "real.max_prompt_tokens=12",

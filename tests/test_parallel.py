@@ -55,17 +55,25 @@ LM = LMConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
     (dict(mode="mesh", data=3, fsdp=2), "3 x 2 x 1 = 6 devices, but there are 8"),
     (dict(mode="mesh", fsdp=3), "fsdp x tensor = 3 x 1 = 3 does not divide the 8 devices"),
     (dict(mode="pmap", data=16), "parallel.data=16 but this process has only 8"),
+    (dict(mode="mesh", data=3, fsdp=0), "data x tensor = 3 x 1 does not divide the 8 devices"),
 ])
 def test_layout_rejects_a_mesh_that_does_not_match_the_devices(cfg, match):
     with pytest.raises(ValueError, match=match):
         parallel.make_layout(parallel.ParallelConfig(**cfg))
 
 
+def test_fsdp_zero_takes_the_devices_the_other_axes_leave():
+    assert dict(parallel.make_layout(parallel.ParallelConfig("mesh", data=1, fsdp=0)).mesh.shape) == \
+        {"data": 1, "fsdp": 8, "tensor": 1}
+    layout = parallel.make_layout(parallel.ParallelConfig("mesh", data=2, fsdp=0, tensor=2))
+    assert dict(layout.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
 def test_config_rejects_sharding_axes_in_pmap_mode_and_bad_degrees():
     with pytest.raises(ValueError, match="fsdp=2 and tensor=1 need parallel.mode=mesh"):
         parallel.ParallelConfig("pmap", fsdp=2)
-    with pytest.raises(ValueError, match="fsdp >= 1"):
-        parallel.ParallelConfig("mesh", fsdp=0)
+    with pytest.raises(ValueError, match="fsdp >= 0"):
+        parallel.ParallelConfig("mesh", fsdp=-1)
     with pytest.raises(ValueError, match="choose one of"):
         parallel.ParallelConfig("fsdp")
 
@@ -81,6 +89,26 @@ def test_config_rejects_sharding_axes_in_pmap_mode_and_bad_degrees():
 def test_degrees_that_do_not_divide_the_model_or_batch_are_rejected(cfg, batch, lm, match):
     with pytest.raises(ValueError, match=match):
         parallel.check_model_fits_layout(parallel.make_layout(cfg), batch, {"defender": lm})
+
+
+def test_distributed_settings_come_from_the_config_or_the_environment(monkeypatch):
+    from alignjax.parallel import distributed
+
+    for var in distributed.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.settings() is None  # one process: no start-up
+    assert distributed.settings("auto") == {}  # TPU slice / SLURM: JAX detects everything
+    monkeypatch.setenv("ALIGNJAX_COORDINATOR", "10.0.0.2:8476")
+    monkeypatch.setenv("ALIGNJAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("ALIGNJAX_PROCESS_ID", "3")
+    want = {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}
+    assert distributed.settings() == want
+    assert distributed.settings("h:1", 2, 0)["coordinator_address"] == "h:1"  # the config wins
+    with pytest.raises(ValueError, match="got num_processes=2 process_id=5"):
+        distributed.settings("h:1", 2, 5)
+    monkeypatch.delenv("ALIGNJAX_COORDINATOR")
+    with pytest.raises(ValueError, match="num_processes=4 needs parallel.coordinator"):
+        distributed.settings()
 
 
 # ------------------------------------------------------------------------------ partition rules
@@ -152,7 +180,8 @@ def _run(mesh_game, pcfg, run_dir, **kw):
     cfg, games = mesh_game
     layout = parallel.make_layout(pcfg)
     built, step_fn = games[None if layout.is_mesh else "data"]
-    parallel.check_model_fits_layout(layout, cfg.game.batch_size, {"defender": built.spec.defender.models.policy_config})
+    models = {"defender": built.spec.defender.models.policy_config}
+    parallel.check_model_fits_layout(layout, cfg.game.batch_size, models)
     final = run_loop(step_fn, built.state, cfg.loop, run_dir, consts=built.consts, layout=layout, **kw)
     return parallel.to_host(final), read_metrics(run_dir), final
 
@@ -279,9 +308,13 @@ def test_two_processes_equal_one_process_with_eight_devices(mesh_a_run, tmp_path
     leaves = list(np.load(out).values())
     multi_state = jax.tree.unflatten(jax.tree.structure(ref_state), leaves)
     _assert_close((ref_state, ref_metrics), (multi_state, multi_metrics))
-    # the checkpoint both processes wrote (each its shards) restores here, in one process
+    # the checkpoint both processes wrote (each its shards) restores here, in one process: whole on one
+    # device (what a pmap resume reads) and sharded on the 8-device mesh
     store = CheckpointStore(run_dir / "checkpoints")
-    restored = store.restore(ref_state)
+    whole = store.restore(ref_state)
+    mesh = parallel.make_layout(MESH_A).mesh
+    sharded = store.restore(ref_state, shardings=parallel.state_shardings(ref_state, mesh))
     store.close()
-    assert restored.step == 4
-    chex.assert_trees_all_equal(restored.tree, multi_state)
+    assert whole.step == sharded.step == 4
+    chex.assert_trees_all_equal(whole.tree, multi_state)
+    chex.assert_trees_all_equal(parallel.to_host(sharded.tree), multi_state)

@@ -92,3 +92,31 @@ def test_real_rejects_paraphrase_before_loading_anything(tmp_path):
 def test_unknown_setting_is_named():
     with pytest.raises(ValueError, match="choose from"):
         get_setting("elsewhere")
+
+
+def test_precision_reaches_the_players_and_auto_resolves_per_backend():
+    """`precision` and `remat` reach every player's networks: trained weights (and so their Adam
+    moments) in precision.params, the references in the compute dtype; "auto" compute is float32 on
+    this CPU machine and explicit in the resolved config."""
+    import jax
+    import jax.numpy as jnp
+    from test_game import TINY, random_players
+
+    from alignjax.config import build_config
+    from alignjax.settings.synthetic import SyntheticSetting
+    from alignjax.worlds.synthetic import SyntheticWorld
+
+    want = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    assert E.resolve(E.Config()).precision.compute == want
+    cfg = build_config(E.Config, TINY, ["precision.compute=bfloat16", "remat=full"])
+    built = SyntheticSetting().build(cfg, progress=False, players=random_players(SyntheticWorld(cfg.world)))
+    for role in (built.spec.defender, built.spec.attacker):
+        assert (role.models.compute_dtype, role.models.remat) == ("bfloat16", "full")
+    dtypes = lambda tree: {str(x.dtype) for x in jax.tree.leaves(tree)
+                           if jnp.issubdtype(x.dtype, jnp.floating)}
+    state = built.state
+    assert dtypes(state.defender.policy_params) == dtypes(state.defender.policy_opt_state) == {"float32"}
+    assert dtypes(state.attacker.critic_params) == {"float32"}
+    assert dtypes(state.defender_ref) == dtypes(state.attacker_ref) == {"bfloat16"}
+    with pytest.raises(ValueError, match="remat"):
+        build_config(E.Config, TINY, ["remat=most"])

@@ -212,7 +212,8 @@ def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameCo
                 total_rows=cfg.batch_size)
     a_in, a_mask = spec.attacker.inputs(seed_tokens, seed_mask)
     if cfg.prompt_source == "attacker":
-        out = sample(state.attacker.policy_params, spec.attacker.models.policy_config, a_in, a_mask, k_att,
+        att = spec.attacker.models
+        out = sample(att.compute_params(state.attacker.policy_params), att.policy_config, a_in, a_mask, k_att,
                      cfg.attacker_sampling, spec.eos_id, spec.pad_id, **rows)
         x, x_mask = out.tokens, out.mask
     else:  # the seed itself is the prompt (RLHF / Paraphrase)
@@ -220,7 +221,8 @@ def play(spec: GameSpec, state: GameState, batch, key: jax.Array, consts: GameCo
     x_len = hist.prompt_lengths(x, x_mask, spec.eos_id)
     x_bare_mask = hist.length_mask(x_len, x.shape[1])  # x without EOS: what the judge and history see
     d_in, d_mask = spec.defender.inputs(x, x_bare_mask)
-    y = sample(state.defender.policy_params, spec.defender.models.policy_config, d_in, d_mask, k_def,
+    dfd = spec.defender.models  # samplers run in the compute dtype (a bf16 copy of f32 master weights)
+    y = sample(dfd.compute_params(state.defender.policy_params), dfd.policy_config, d_in, d_mask, k_def,
                cfg.defender_sampling, spec.eos_id, spec.pad_id, **rows)
     scores = spec.referee(consts.judge, x, x_bare_mask, y.tokens, y.mask)
     chex.assert_shape([scores.defender, scores.attacker_p_safe, scores.attacker_p_unsafe],

@@ -21,13 +21,16 @@ from alignjax.models.llama import (
     init_params,
     lm_logits,
 )
+from alignjax.models.precision import PrecisionConfig, cast_floating, remat_policy
 
 __all__ = [
     "CheckpointError",
     "KVCache",
     "LMConfig",
     "LMOutput",
+    "PrecisionConfig",
     "Pretrained",
+    "cast_floating",
     "forward",
     "gather_last",
     "hidden_states",
@@ -38,6 +41,7 @@ __all__ = [
     "last_token_index",
     "lm_logits",
     "load_pretrained",
+    "remat_policy",
     "reward_forward",
     "save_pretrained",
     "scalar_head",

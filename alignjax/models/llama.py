@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from alignjax.models.config import LMConfig
+from alignjax.models.precision import maybe_remat, remat_policy
 
 Params = dict
 
@@ -228,6 +229,8 @@ def hidden_states(
     attn_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
+    *,
+    remat: str = "none",
 ) -> tuple[jax.Array, KVCache | None]:
     """The backbone without the LM head: final-norm hidden states [B, T, D] (and the updated cache).
 
@@ -235,6 +238,7 @@ def hidden_states(
     for the [B, T, V] logits; `params["lm_head"]` is not read and may be absent.
     """
     chex.assert_rank(tokens, 2)
+    remat_policy(remat)  # an unknown name fails here, also on the cached path that ignores it
     b, t = tokens.shape
     if attn_mask is None:
         attn_mask = jnp.ones((b, t), jnp.int32)
@@ -277,14 +281,18 @@ def hidden_states(
     layers = params["layers"]
     new_cache = None
     if cache is None and not isinstance(layers, tuple | list):
-        h, _ = jax.lax.scan(lambda h, lp: (layer(h, lp, None)[0], None), h, layers)
+        # remat checkpoints one layer: the backward keeps its input h (and, for "dots", its projection
+        # outputs) per layer and recomputes the rest. Inside scan prevent_cse is not needed.
+        body = maybe_remat(lambda h, lp: (layer(h, lp, None)[0], None), remat, prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, layers)
     else:
         # Unrolled over the layers, so each reads its own cache buffers (see KVCache). Stacked weights
         # are sliced here, a copy per call: decode loops pass `unstack_layers(params)` instead.
         layers = unstack_layers(params)["layers"]
         if cache is None:
+            unrolled = maybe_remat(lambda h, lp: layer(h, lp, None)[0], remat)
             for lp in layers:
-                h, _ = layer(h, lp, None)
+                h = unrolled(h, lp)
         else:
             ks, vs = [], []
             for lp, ck, cv in zip(layers, cache.k, cache.v, strict=True):
@@ -309,6 +317,8 @@ def forward(
     attn_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
+    *,
+    remat: str = "none",
 ) -> LMOutput:
     """Logits of a causal LM.
 
@@ -323,8 +333,10 @@ def forward(
         [cache.index, cache.index + T), in place when the cache is donated or carried by a loop.
         The caller must keep cache.index + T <= S (the cache length): a traced index cannot be
         checked, and `dynamic_update_slice` would clamp the write onto earlier slots.
+      remat: rematerialisation of each layer in the backward pass without a cache, "none" | "full" |
+        "dots" (`alignjax.models.precision`); the forward values are the same. Ignored with a cache.
 
     Returns: `LMOutput(logits [B, T, V] float32, hidden [B, T, D], cache or None)`.
     """
-    h, new_cache = hidden_states(params, config, tokens, attn_mask, positions, cache)
+    h, new_cache = hidden_states(params, config, tokens, attn_mask, positions, cache, remat=remat)
     return LMOutput(lm_logits(params, config, h), h, new_cache)

@@ -37,8 +37,8 @@ from alignjax.parallel.collectives import (
     psum,
     replicate,
     replicate_host,
-    to_host,
     shard,
+    to_host,
     unreplicate,
     unshard,
 )

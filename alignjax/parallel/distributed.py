@@ -39,9 +39,10 @@ def settings(coordinator: str = "", num_processes: int = 0, process_id: int = -1
     if coordinator == "auto":
         return {}
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(f"parallel.coordinator={coordinator!r} needs num_processes >= 1 and 0 <= process_id < "
-                         f"num_processes, got num_processes={num_processes} process_id={process_id} (config or "
-                         f"${ENV['num_processes']} / ${ENV['process_id']})")
+        raise ValueError(f"parallel.coordinator={coordinator!r} needs num_processes >= 1 and "
+                         f"0 <= process_id < num_processes, got num_processes={num_processes} "
+                         f"process_id={process_id} (config or ${ENV['num_processes']} / "
+                         f"${ENV['process_id']})")
     return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id}
 
 

@@ -29,7 +29,8 @@ MODES = ("pmap", "mesh")
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     """`mode`: pmap (data parallel, replicated state) or mesh (jit + NamedSharding). `data`, `fsdp`,
-    `tensor`: the degrees (pmap: data only; 0 data = the devices left over). `coordinator`,
+    `tensor`: the degrees (pmap: data only). One of data and fsdp may be 0: the devices the other
+    degrees leave (data 0 is the default; fsdp 0 with data 0 means data 1). `coordinator`,
     `num_processes`, `process_id`: multi-host start-up (`parallel.distributed`; "" / 0 / -1 = from the
     environment, else one process)."""
 
@@ -44,12 +45,12 @@ class ParallelConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"parallel.mode={self.mode!r}: choose one of {MODES}")
-        if self.data < 0 or self.fsdp < 1 or self.tensor < 1:
-            raise ValueError(f"parallel: need data >= 0 (0 = the rest), fsdp >= 1 and tensor >= 1, got "
+        if self.data < 0 or self.fsdp < 0 or self.tensor < 1:
+            raise ValueError(f"parallel: need data >= 0, fsdp >= 0 (0 = the rest) and tensor >= 1, got "
                              f"data={self.data} fsdp={self.fsdp} tensor={self.tensor}")
         if self.num_processes < 0:
             raise ValueError(f"parallel.num_processes must be >= 0, got {self.num_processes}")
-        if self.mode == "pmap" and (self.fsdp, self.tensor) != (1, 1):
+        if self.mode == "pmap" and (self.fsdp > 1 or self.tensor > 1):  # fsdp 0: "the rest", none here
             raise ValueError(f"parallel.mode=pmap is data parallel only: fsdp={self.fsdp} and "
                              f"tensor={self.tensor} need parallel.mode=mesh")
 
@@ -93,6 +94,12 @@ def make_layout(cfg: ParallelConfig, devices: list | None = None) -> Layout:
             raise ValueError(f"parallel.data={n} but this process has only {len(local)} local devices")
         return Layout(cfg, tuple(local[:n]))
     devs = list(devices if devices is not None else jax.devices())
+    if cfg.fsdp == 0:  # fsdp takes the devices that data (default 1) x tensor leave
+        data = cfg.data or 1
+        if len(devs) % (data * cfg.tensor):
+            raise ValueError(f"parallel: data x tensor = {data} x {cfg.tensor} does not divide the "
+                             f"{len(devs)} devices (fsdp=0 takes the rest)")
+        cfg = dataclasses.replace(cfg, data=data, fsdp=len(devs) // (data * cfg.tensor))
     inner = cfg.fsdp * cfg.tensor
     if len(devs) % inner:
         raise ValueError(f"parallel: fsdp x tensor = {cfg.fsdp} x {cfg.tensor} = {inner} does not divide "
@@ -113,8 +120,10 @@ def check_model_fits_layout(layout: Layout, batch_size: int, model_configs: dict
     model_configs: name -> LMConfig (num_heads, num_kv_heads, hidden_size, intermediate_size)."""
     shards = layout.batch_shards
     if batch_size % shards:
-        what = "data" if layout.mesh is None else f"data x fsdp = {layout.mesh.shape[DATA]} x {layout.mesh.shape[FSDP]}"
-        raise ValueError(f"game.batch_size={batch_size} is not divisible by the {shards} batch shards ({what})")
+        what = "data" if layout.mesh is None else \
+            f"data x fsdp = {layout.mesh.shape[DATA]} x {layout.mesh.shape[FSDP]}"
+        raise ValueError(f"game.batch_size={batch_size} is not divisible by the {shards} batch shards "
+                         f"({what})")
     if layout.mesh is None:
         return
     fsdp, tensor = layout.mesh.shape[FSDP], layout.mesh.shape[TENSOR]

@@ -27,7 +27,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from alignjax.models import heads, llama
+from alignjax.models import heads, llama, precision
 from alignjax.models.config import LMConfig
 from alignjax.rl import kernels
 from alignjax.rl.state import RewardMoments
@@ -69,21 +69,39 @@ class LlamaPlayerModels:
 
     Both methods take tokens, mask [B, S] and return only the last `n_last` positions, so the LM head
     (the [B, S, V] matmul) runs on the response positions only.
+
+    compute_dtype ("float32" | "bfloat16"): the floating params are cast to it before the forward, so
+    float32 master params train with a bfloat16 forward/backward (the gradient flows back through the
+    cast to the params' dtype; `alignjax.models.precision`). Outputs are float32 either way.
+    remat ("none" | "full" | "dots"): rematerialisation of each layer in the backward pass
+    (`precision.remat_policy`). The defaults leave float32 params bitwise as before.
     """
 
     policy_config: LMConfig
     critic_config: LMConfig | None = None  # default: same architecture as the policy
+    compute_dtype: str = "float32"
+    remat: str = "none"
+
+    def __post_init__(self):
+        precision.dtype_of(self.compute_dtype)
+        precision.remat_policy(self.remat)
+
+    def compute_params(self, params: Any) -> Any:
+        """`params` with floating leaves in the compute dtype (what the forward sees; for samplers)."""
+        return precision.cast_floating(params, precision.dtype_of(self.compute_dtype))
 
     def policy_logits(self, params: Any, tokens: jax.Array, mask: jax.Array, n_last: int) -> jax.Array:
         """[B, S] -> logits [B, n_last, V] float32 of the last n_last positions."""
-        h, _ = llama.hidden_states(params, self.policy_config, tokens, mask)
-        return llama.lm_logits(params, self.policy_config, h[:, -n_last:])
+        params = self.compute_params(params)
+        h, _ = llama.hidden_states(params, self.policy_config, tokens, mask, remat=self.remat)
+        return llama.lm_logits(params, self.policy_config, h[:, -n_last:]).astype(jnp.float32)
 
     def critic_values(self, params: Any, tokens: jax.Array, mask: jax.Array, n_last: int) -> jax.Array:
         """[B, S] -> values [B, n_last] float32 of the last n_last positions (per-token value head)."""
         config = self.critic_config or self.policy_config
-        h, _ = llama.hidden_states(params["backbone"], config, tokens, mask)
-        return heads.scalar_head(params["head"], h[:, -n_last:])
+        params = self.compute_params(params)
+        h, _ = llama.hidden_states(params["backbone"], config, tokens, mask, remat=self.remat)
+        return heads.scalar_head(params["head"], h[:, -n_last:]).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

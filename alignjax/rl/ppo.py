@@ -180,7 +180,6 @@ def ppo_epochs(
     nm = cfg.num_minibatches
     if b % nm:
         raise ValueError(f"batch size per device {b} is not divisible by num_minibatches={nm}")
-    mb_size = b // nm
 
     def minibatch_step(carry, mb: Experience):
         (pp, pos, cp, cos), alive = carry

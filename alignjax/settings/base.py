@@ -19,6 +19,8 @@ import dataclasses
 import pathlib
 from typing import Any, Protocol
 
+import jax
+
 from alignjax.game.state import GameState
 from alignjax.game.step import GameConsts, GameSpec
 
@@ -91,3 +93,9 @@ def common_paths(cfg) -> list[tuple[str, str, str, bool]]:
     if cfg.embedder.kind == "minilm":
         needs.append(("embedder.path", cfg.embedder.path, "a sentence-transformers folder", False))
     return needs
+
+
+def compute_dtype(cfg) -> str:
+    """The forward/backward dtype name of this run ("auto" resolved for this backend): the players'
+    `LlamaPlayerModels.compute_dtype`, and the storage dtype of the frozen models (references, judge)."""
+    return cfg.precision.resolve(jax.default_backend()).compute

@@ -23,11 +23,12 @@ from alignjax.game.state import init_game_state
 from alignjax.game.step import GameConsts, GameSpec, Role
 from alignjax.models import heads
 from alignjax.models.hf_io import load_pretrained
+from alignjax.models.precision import cast_floating, dtype_of
 from alignjax.rewards import history as hist
 from alignjax.rewards.embedding import make_embedder
 from alignjax.rl.experience import LlamaPlayerModels
 from alignjax.rl.state import make_player_state
-from alignjax.settings.base import Built, check_paths, common_paths, unsupported_options
+from alignjax.settings.base import Built, check_paths, common_paths, compute_dtype, unsupported_options
 from alignjax.worlds.base import Player
 from alignjax.worlds.synthetic import SyntheticWorld
 
@@ -68,8 +69,11 @@ class SyntheticSetting:
             embed, embed_params, embed_dim = make_embedder(
                 cfg.embedder, world.vocab_size, decode, keys.embedder_key(cfg.seed), words=words,
                 special=(world.pad_id, world.bos_id, world.eos_id, world.unk_id))
-        spec = GameSpec(cfg=g, defender=Role(LlamaPlayerModels(dfd.config), world.defender_inputs),
-                        attacker=Role(LlamaPlayerModels(att.config), world.attacker_inputs),
+        stored = dtype_of(cfg.precision.params)  # the trained weights' (and Adam moments') dtype
+        dfd, att = (Player(cast_floating(p.params, stored), p.config) for p in (dfd, att))
+        models = lambda lm: LlamaPlayerModels(lm, compute_dtype=compute_dtype(cfg), remat=cfg.remat)
+        spec = GameSpec(cfg=g, defender=Role(models(dfd.config), world.defender_inputs),
+                        attacker=Role(models(att.config), world.attacker_inputs),
                         referee=world.referee, eos_id=world.eos_id, pad_id=world.pad_id, embed=embed,
                         embed_dim=embed_dim, axis_name=axis_name)
         k = keys.init_keys(cfg.seed)
@@ -78,7 +82,9 @@ class SyntheticSetting:
         attacker = make_player_state(att.params, heads.init_critic(att.config, k.attacker_critic, att.params),
                                      cfg.attacker.policy_optimizer, cfg.attacker.critic_optimizer)
         history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, world.pad_id)
-        state = init_game_state(defender, attacker, dfd.params, att.params, history, keys.run_key(cfg.seed))
+        frozen = lambda params: cast_floating(params, dtype_of(compute_dtype(cfg)))  # refs: compute dtype
+        state = init_game_state(defender, attacker, frozen(dfd.params), frozen(att.params), history,
+                                keys.run_key(cfg.seed))
         seeds, seeds_mask = world.seed_prompts("seeds")
         if cfg.data == "paraphrase":
             seeds, seeds_mask = paraphrase_seeds(world, att, k.paraphrase)
