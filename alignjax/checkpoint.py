@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+HOST_COPY_BELOW_BYTES = 1 << 30  # save() writes smaller single-process trees from a host copy
+
 
 class Restored(NamedTuple):
     step: int
@@ -85,10 +87,19 @@ class CheckpointStore:
     def save(self, step: int, tree, metadata: dict | None = None) -> None:
         """Write `tree` and `metadata` as step `step` and block until it is on disk.
 
-        Leaves on one device (or host arrays) are fetched to host NumPy first; arrays that span
-        several devices (a mesh-sharded state) are written as they lie, each process its own shards.
-        Either way the checkpoint holds global arrays and does not depend on the device layout."""
-        host_tree = jax.tree.map(lambda x: x if _spans_devices(x) else np.asarray(jax.device_get(x)), tree)
+        Leaves are fetched to host NumPy first when this process holds all of them and the tree is
+        smaller than `HOST_COPY_BELOW_BYTES` (Orbax writes a few large host arrays much faster than
+        many device shards: 0.5 s against 2-3 s for the tiny game on 8 fake devices). Otherwise arrays
+        that span several devices (a mesh-sharded state) are written as they lie, each process its
+        own shards, and no host copy of the state is made. Either way the checkpoint holds global
+        arrays and does not depend on the device layout."""
+        leaves = jax.tree.leaves(tree)
+        small = sum(np.asarray(x).nbytes if not isinstance(x, jax.Array) else x.nbytes for x in leaves) \
+            < HOST_COPY_BELOW_BYTES
+        local = all(not isinstance(x, jax.Array) or x.is_fully_addressable for x in leaves)
+        fetch = lambda x: np.asarray(jax.device_get(x))
+        as_host = small and local
+        host_tree = jax.tree.map(lambda x: fetch(x) if as_host or not _spans_devices(x) else x, tree)
         self._manager.save(
             int(step),
             args=ocp.args.Composite(

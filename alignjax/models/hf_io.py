@@ -218,9 +218,17 @@ class Pretrained:
 def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
     """Load an HF Llama / Mistral / Qwen2 causal LM folder as params in `dtype` (float32 or bfloat16).
 
+    A `.gguf` file, or a folder holding one `.gguf` and no safetensors, is read by
+    `gguf_io.load_gguf` (llama architecture, dequantised; needs the `gguf` package).
+
     Raises FileNotFoundError for a missing config.json / weights file, CheckpointError for an
     unsupported architecture or option, a missing / mis-shaped tensor (named) or unexpected tensors.
     """
+    from alignjax.models import gguf_io  # imports hf_io itself; gguf is imported only for GGUF files
+
+    gguf_file = gguf_io.gguf_file_of(path)
+    if gguf_file is not None:
+        return gguf_io.load_gguf(gguf_file, dtype)
     config, arch, raw = read_config(path)
     if arch not in CAUSAL_LM_ARCHITECTURES:
         raise CheckpointError(

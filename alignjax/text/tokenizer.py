@@ -6,7 +6,8 @@
 
 The backend is always a `tokenizers.Tokenizer` (Rust, no torch). `encode` never adds special tokens:
 BOS and templates are placed explicitly (see `templates.TokenTemplate`), so no post-processor can
-silently prepend a BOS (the GPO authors' judge read the BOS token's probability that way).
+silently prepend a BOS (the GPO authors' judge read the BOS token's probability that way). The folder's
+Jinja chat template, if any, is kept as text (`chat_template`) for `TokenTemplate.from_chat`.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ class TextTokenizer:
     """A `tokenizers.Tokenizer` plus the ids of its special tokens.
 
     Attributes: backend (tokenizers.Tokenizer, padding/truncation disabled); bos_id, eos_id, pad_id,
-    unk_id (int or None); special_ids (frozenset of every id registered as special, plus those four).
+    unk_id (int or None); special_ids (frozenset of every id registered as special, plus those four);
+    chat_template (the folder's Jinja chat template: a string, a {name: template} dict, or None).
     """
 
-    def __init__(self, backend, bos_id=None, eos_id=None, pad_id=None, unk_id=None):
+    def __init__(self, backend, bos_id=None, eos_id=None, pad_id=None, unk_id=None, chat_template=None):
         backend.no_padding()  # some tokenizer.json files pad to a fixed length (MiniLM pads to 128)
         backend.no_truncation()
         self.backend = backend
@@ -36,6 +38,7 @@ class TextTokenizer:
         registered = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
         named = {i for i in (bos_id, eos_id, pad_id, unk_id) if i is not None}
         self.special_ids = frozenset(registered | named)
+        self.chat_template = chat_template
 
     def __repr__(self):
         return (f"TextTokenizer(vocab={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, "
@@ -50,6 +53,11 @@ class TextTokenizer:
         if i is None:
             raise KeyError(f"token {token!r} is not in the vocabulary")
         return i
+
+    def special_tokens(self) -> dict[str, str]:
+        """{"bos_token": "<s>", ...} for the special ids that are set (what chat templates read)."""
+        ids = {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "unk": self.unk_id}
+        return {f"{k}_token": self.backend.id_to_token(i) for k, i in ids.items() if i is not None}
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of `text` (no special tokens added, except BOS when asked)."""
@@ -154,6 +162,24 @@ def _special_from_files(folder: pathlib.Path) -> dict[str, str | int]:
     return found
 
 
+def _chat_template_from_files(folder: pathlib.Path) -> str | dict[str, str] | None:
+    """The chat template as transformers saves it: chat_template.jinja (newer), else tokenizer_config.json's
+    "chat_template" (a string, or a list of {"name", "template"}), else chat_template.json."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.exists():
+        return jinja.read_text()
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        f = folder / name
+        if not f.exists():
+            continue
+        t = json.loads(f.read_text()).get("chat_template")
+        if isinstance(t, list):
+            t = {d["name"]: d["template"] for d in t}
+        if t:
+            return t
+    return None
+
+
 def load_tokenizer(
     path: str | os.PathLike,
     bos: str | int | None = None,
@@ -166,7 +192,8 @@ def load_tokenizer(
     Reads `tokenizer.json` with the `tokenizers` library; without one, falls back to
     `transformers.AutoTokenizer` (e.g. a sentencepiece `tokenizer.model`) and uses its Rust backend.
     Special tokens: the bos/eos/pad/unk arguments (a token string or an id) override what the folder's
-    tokenizer_config.json / special_tokens_map.json / config.json name. Missing ones are None.
+    tokenizer_config.json / special_tokens_map.json / config.json name. Missing ones are None. The
+    folder's chat template, if any, becomes `chat_template`.
     """
     import tokenizers
 
@@ -205,4 +232,5 @@ def load_tokenizer(
         if v is not None and not 0 <= v < backend.get_vocab_size(with_added_tokens=True):
             raise ValueError(f"{s} id {v} is outside the vocabulary")
         ids[s] = v
-    return TextTokenizer(backend, ids["bos"], ids["eos"], ids["pad"], ids["unk"])
+    return TextTokenizer(backend, ids["bos"], ids["eos"], ids["pad"], ids["unk"],
+                         chat_template=_chat_template_from_files(folder))
