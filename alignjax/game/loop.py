@@ -261,8 +261,9 @@ def run_loop(
     primary = jax.process_index() == 0
     logs = [MetricLog(d, start, cfg.tensorboard, enabled=primary) for d in log_dirs]
     consts = jax.tree.map(np.asarray, consts)
-    if layout.is_mesh:  # sent once, replicated; the state stays on the devices from here on
-        consts = parallel.place(consts, jax.tree.map(lambda _: layout.replicated(), consts))
+    if layout.is_mesh:  # sent once, sharded by the same rules as the state (an LM judge's weights are
+        # split like a policy's; prompts and tables stay replicated); the state stays on the devices
+        consts = parallel.place(consts, parallel.state_shardings(consts, layout.mesh))
     bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                disable=not primary)
     try:

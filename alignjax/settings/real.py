@@ -2,7 +2,9 @@
 
     build     players and judge from local HF folders (no hub), the seed prompts from a text file (one
               per line) or the authors' JSON format (`worlds.real_data`), MiniLM (or bag-of-words)
-              embedder; the judge's weights travel in the consts
+              embedder; the judge's weights travel in the consts. `weights="abstract"` (the memory
+              plan, alignjax/plan.py) runs the same build with each model's weights replaced by an
+              initialiser of its config.json's shapes, under `jax.eval_shape`: no tensor is read
     evaluate  the defender's attack success on the first `eval.real_prompts` seeds asked directly,
               and on the attacker's rewrites of them (one sampled answer each, judged), plus the
               rewrites' Self-BLEU diversity
@@ -18,7 +20,7 @@ import dataclasses
 import functools
 import pathlib
 import warnings
-from typing import Any, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,17 +34,37 @@ from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.state import init_game_state
 from alignjax.game.step import GameConsts, GameSpec, Role, clean_prompts, play
-from alignjax.models import heads
-from alignjax.models.hf_io import load_pretrained
+from alignjax.models import heads, llama
+from alignjax.models.hf_io import (
+    CAUSAL_LM_ARCHITECTURES,
+    SEQ_CLS_ARCHITECTURES,
+    CheckpointError,
+    Pretrained,
+    load_pretrained,
+    read_config,
+)
+from alignjax.models.precision import cast_floating, dtype_of
 from alignjax.rewards import history as hist
 from alignjax.rewards.embedding import make_embedder
 from alignjax.rewards.judge import scores_from_judge
-from alignjax.rewards.lm_judge import JudgeTemplate, answer_token_id, load_lm_judge, retokenizing_judge
-from alignjax.rewards.reward_model import load_reward_model
+from alignjax.rewards.lm_judge import (
+    JudgeTemplate,
+    LMJudge,
+    answer_token_id,
+    load_lm_judge,
+    retokenizing_judge,
+)
+from alignjax.rewards.reward_model import RewardModel, load_reward_model
 from alignjax.rl.experience import LlamaPlayerModels
 from alignjax.rl.state import make_player_state
-from alignjax.settings.base import Built, check_paths, common_paths, unsupported_options
-from alignjax.text.templates import ATTACKER_TEMPLATE, DEFENDER_TEMPLATE, TokenTemplate
+from alignjax.settings.base import Built, check_paths, common_paths, compute_dtype, unsupported_options
+from alignjax.text.templates import (
+    ATTACKER_CHAT,
+    ATTACKER_TEMPLATE,
+    DEFENDER_CHAT,
+    DEFENDER_TEMPLATE,
+    TokenTemplate,
+)
 from alignjax.text.tokenizer import load_tokenizer
 from alignjax.worlds.real_data import load_seed_prompts
 
@@ -56,9 +78,10 @@ class RealConfig:
     benign_prompts: str = ""  # optional benign questions (same formats): over-refusal in the evaluations
     tokenizer: str = ""  # the players' tokenizer folder ("" = the defender checkpoint's)
     max_prompt_tokens: int = 2048
+    chat_template: bool = False  # wrap prompts in the players' tokenizer's own chat template (instruct)
+    attacker_system: str = ""  # with chat_template: an optional system message for the attacker
     long_seeds: Literal["reject", "truncate"] = "reject"  # a seed over max_prompt_tokens: error, or keep
     # its last max_prompt_tokens tokens and count it in results.md
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
 
 
 class RealSetting:
@@ -80,46 +103,80 @@ class RealSetting:
             ("defender.critic_checkpoint", cfg.defender.critic_checkpoint, "a reward-model folder", False),
             ("attacker.critic_checkpoint", cfg.attacker.critic_checkpoint, "a reward-model folder", False)])
 
-    def build(self, cfg, progress: bool = True, axis_name=parallel.DATA_AXIS) -> Built:
-        dtype = jnp.bfloat16 if cfg.real.dtype == "bfloat16" else jnp.float32
-        if dtype == jnp.bfloat16:
-            # Params, and so the Adam updates, live in bf16 (no float32 master copy yet): an update smaller
-            # than bf16's resolution (~8e-3 relative) is rounded away, so at the spec's learning rates
-            # (5e-7 to 3e-6) almost no weight changes. Said loudly rather than left to be discovered.
+    def build(self, cfg, progress: bool = True, axis_name=parallel.DATA_AXIS,
+              weights: Literal["load", "abstract"] = "load") -> Built:
+        """Players, judge, embedder, spec, state at step 0, consts. `weights="abstract"`: the same build
+        with every checkpoint's weights replaced by an initialiser of its config.json's shapes
+        (`ABSTRACT`), traced by `jax.eval_shape`, so the Built's state and consts are
+        ShapeDtypeStructs, no safetensors file is opened and nothing model-sized is allocated (the
+        MiniLM embedder, 22M parameters, is still read from its package). The memory plan uses it."""
+        if weights == "load":
+            return self._build(cfg, axis_name, LOAD)
+        if weights != "abstract":
+            raise ValueError(f"weights={weights!r}: choose 'load' or 'abstract'")
+        out = {}
+
+        def arrays():  # the spec and the context are Python objects: they leave the trace by the side
+            out["built"] = self._build(cfg, axis_name, ABSTRACT)
+            return out["built"].state, out["built"].consts
+
+        state, consts = jax.eval_shape(arrays)
+        return dataclasses.replace(out["built"], state=state, consts=consts)
+
+    def _build(self, cfg, axis_name, weights: Weights) -> Built:
+        dtype = dtype_of(cfg.precision.params)  # trained weights and their Adam moments
+        frozen = dtype_of(compute_dtype(cfg))  # references and the judge: never updated, in compute dtype
+        if cfg.precision.params == "bfloat16":
+            # Params, and so the Adam updates, live in bf16 (no float32 master copy): an update smaller than
+            # bf16's resolution (~8e-3 relative) is rounded away, so at the spec's learning rates (5e-7 to
+            # 3e-6) almost no weight changes. Said loudly rather than left to be discovered.
             warnings.warn(
-                "real.dtype=bfloat16 stores params and optimizer updates in bf16 without float32 master "
-                "weights: at learning rates ~1e-6 almost no weight changes. Use real.dtype=float32 to train.",
-                stacklevel=2,
-            )
+                "precision.params=bfloat16 stores params and optimizer updates in bf16 without float32 "
+                "master "
+                "weights: at learning rates ~1e-6 almost no weight changes. Keep precision.params=float32 "
+                "(with precision.compute=bfloat16 for speed).", stacklevel=2)
         tqdm.write("[alignjax] loading the players, the judge and the embedder")
-        d = load_pretrained(cfg.defender.checkpoint, dtype)
-        a = load_pretrained(cfg.attacker.checkpoint, dtype)
+        d = weights.causal_lm(cfg.defender.checkpoint, dtype)
+        a = weights.causal_lm(cfg.attacker.checkpoint, dtype)
         tok = load_tokenizer(cfg.real.tokenizer or cfg.defender.checkpoint)
         eos = tok.eos_id if tok.eos_id is not None else d.config.eos_token_id
         pad = tok.pad_id if tok.pad_id is not None else (d.config.pad_token_id or 0)
         if tok.pad_id is None:
             tok.pad_id = pad
-        d_tpl = TokenTemplate.from_string(DEFENDER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
-        a_tpl = TokenTemplate.from_string(ATTACKER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
-        judge, referee = _judge_and_referee(cfg, tok, dtype)
+        if cfg.real.chat_template:  # the players' own chat template, rendered once at token level
+            system = [{"role": "system", "content": cfg.real.attacker_system}] \
+                if cfg.real.attacker_system else []
+            d_tpl = TokenTemplate.from_chat(tok, DEFENDER_CHAT)
+            a_tpl = TokenTemplate.from_chat(tok, ATTACKER_CHAT, messages_before=system)
+        else:  # the paper's plain format; spaces around the slot kept as the tokenizer wants them
+            d_tpl = TokenTemplate.from_string(DEFENDER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+            a_tpl = TokenTemplate.from_string(ATTACKER_TEMPLATE, tok, add_bos=tok.bos_id is not None)
+        if d_tpl.content_prefix != a_tpl.content_prefix:  # one seed array feeds both templates
+            raise ValueError("the defender's and the attacker's templates need differently encoded seeds "
+                             f"({d_tpl.content_prefix!r} vs {a_tpl.content_prefix!r})")
+        judge, referee = _judge_and_referee(cfg, tok, frozen, weights)
         g = cfg.game
         embed, embed_params, embed_dim = (None, None, 1)
         if g.needs_embedder:
             decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)
             embed, embed_params, embed_dim = make_embedder(cfg.embedder, tok.vocab_size, decode,
                                                            keys.embedder_key(cfg.seed))
-        spec = GameSpec(cfg=g, defender=Role(LlamaPlayerModels(d.config), d_tpl.fill),
-                        attacker=Role(LlamaPlayerModels(a.config), a_tpl.fill), referee=referee,
+        models = lambda lm: LlamaPlayerModels(lm, compute_dtype=compute_dtype(cfg), remat=cfg.remat)
+        spec = GameSpec(cfg=g, defender=Role(models(d.config), d_tpl.fill),
+                        attacker=Role(models(a.config), a_tpl.fill), referee=referee,
                         eos_id=int(eos), pad_id=int(pad), embed=embed, embed_dim=embed_dim,
                         axis_name=axis_name)
-        defender, attacker = _player_states(cfg, d, a, dtype)
+        defender, attacker = _player_states(cfg, d, a, dtype, weights)
         history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, pad)
-        state = init_game_state(defender, attacker, d.params, a.params, history, keys.run_key(cfg.seed))
+        state = init_game_state(defender, attacker, cast_floating(d.params, frozen),
+                                cast_floating(a.params, frozen),
+                                history, keys.run_key(cfg.seed))
         lines = read_seed_lines(cfg.real.seed_prompts)
         if len(lines) < g.batch_size:
             raise ValueError(f"{cfg.real.seed_prompts} holds {len(lines)} prompts "
                              f"< game.batch_size={g.batch_size}")
-        seeds, seeds_mask, cut = encode_prompts(tok, lines, cfg.real, "real.seed_prompts", spec.prompt_len)
+        seeds, seeds_mask, cut = encode_prompts(tok, lines, cfg.real, "real.seed_prompts", spec.prompt_len,
+                                                d_tpl.content_prefix)
         consts = GameConsts(jnp.asarray(seeds), jnp.asarray(seeds_mask), judge, embed_params)
         limit = min(cfg.real.max_prompt_tokens, spec.prompt_len)
         notes = {"seed prompts": f"{len(lines)} from {cfg.real.seed_prompts}; {cut} over {limit} tokens "
@@ -127,7 +184,8 @@ class RealSetting:
         benign = None
         if cfg.real.benign_prompts:
             b_lines = read_seed_lines(cfg.real.benign_prompts)
-            *benign, b_cut = encode_prompts(tok, b_lines, cfg.real, "real.benign_prompts", spec.prompt_len)
+            *benign, b_cut = encode_prompts(tok, b_lines, cfg.real, "real.benign_prompts", spec.prompt_len,
+                                            d_tpl.content_prefix)
             notes["benign prompts"] = (f"{len(b_lines)} from {cfg.real.benign_prompts} (over-refusal); "
                                        f"{b_cut} over {limit} tokens kept their last tokens")
         tok_dir = cfg.real.tokenizer or cfg.defender.checkpoint
@@ -166,14 +224,51 @@ class RealSetting:
         return "\n".join(lines) + "\n"
 
 
-def _player_states(cfg, d, a, dtype):
+class Weights(NamedTuple):
+    """Where the build's model weights come from (the signatures of the hf_io / rewards loaders)."""
+
+    causal_lm: Callable[..., Pretrained]  # (path, dtype) -> Pretrained
+    reward_model: Callable[..., RewardModel]  # (path, dtype) -> RewardModel
+    judge: Callable[..., LMJudge]  # (path, template, safe_id, unsafe_id, dtype, pad_id) -> LMJudge
+
+
+def _init_causal_lm(path, dtype) -> Pretrained:
+    """`path`'s config.json with `llama.init_params` weights in place of its tensors (which are never
+    opened: a config-only folder will do). Meant to be traced (`jax.eval_shape`): nothing is allocated."""
+    config, arch, _ = read_config(path)
+    if arch not in CAUSAL_LM_ARCHITECTURES:
+        raise CheckpointError(f"{path} holds a {arch}, not a causal LM")
+    return Pretrained(llama.init_params(config, jax.random.PRNGKey(0), dtype), config)
+
+
+def _init_reward_model(path, dtype) -> RewardModel:
+    """A reward model of `path`'s config.json shapes (backbone + value head), weights initialised."""
+    config, arch, _ = read_config(path)
+    if arch not in SEQ_CLS_ARCHITECTURES:
+        raise CheckpointError(f"{path} holds a {arch}; a reward model needs one of "
+                              f"{sorted(SEQ_CLS_ARCHITECTURES)}")
+    return RewardModel(heads.init_critic(config, jax.random.PRNGKey(0), None, dtype), config)
+
+
+def _init_judge(path, template, safe_id, unsafe_id, dtype=jnp.float32, pad_id=None) -> LMJudge:
+    """`load_lm_judge` with the judge's weights initialised from its config.json's shapes."""
+    lm = _init_causal_lm(path, dtype)
+    pad = pad_id if pad_id is not None else (lm.config.pad_token_id or 0)
+    return LMJudge(lm.params, lm.config, template, int(safe_id), int(unsafe_id), int(pad))
+
+
+LOAD = Weights(load_pretrained, load_reward_model, load_lm_judge)  # read the checkpoints
+ABSTRACT = Weights(_init_causal_lm, _init_reward_model, _init_judge)  # shapes only (under eval_shape)
+
+
+def _player_states(cfg, d, a, dtype, weights: Weights = LOAD):
     """The players' PlayerStates: policies from the checkpoints, critics from a reward-model folder
     (`<player>.critic_checkpoint`) or the policy's backbone with a fresh value head."""
     k = keys.init_keys(cfg.seed)
 
     def state(player, pre, key):
         if player.critic_checkpoint:
-            critic = load_reward_model(player.critic_checkpoint, dtype).params
+            critic = weights.reward_model(player.critic_checkpoint, dtype).params
         else:
             # the head in the backbone's dtype: optax's injected hyperparameters take the params' common
             # dtype, and a bf16 backbone with an f32 head would turn the bf16 Adam moments into f32
@@ -188,13 +283,14 @@ class RealContext(NamedTuple):
     benign: Any  # (tokens [M, S], mask [M, S]) of real.benign_prompts, or None
 
 
-def encode_prompts(tok, lines: list[str], real: RealConfig, option: str, direct_limit: int):
+def encode_prompts(tok, lines: list[str], real: RealConfig, option: str, direct_limit: int,
+                   content_prefix: str = ""):
     """(tokens [N, S], mask [N, S] left-padded, number cut) with S = real.max_prompt_tokens.
 
     A prompt over S tokens, or over `direct_limit` (the prompt block, game.attacker_sampling.
     max_new_tokens: a seed asked directly, in RLHF and in every evaluation, must fit it) is an error
     naming it (real.long_seeds=reject), or keeps its last tokens (truncate) and is counted."""
-    ids = tok.encode_batch(lines)
+    ids = tok.encode_batch([content_prefix + ln for ln in lines])  # " " for byte-level BPE slots
     limit = min(real.max_prompt_tokens, direct_limit)
     long = [i for i, r in enumerate(ids) if len(r) > limit]
     if long and real.long_seeds == "reject":
@@ -217,11 +313,11 @@ def read_seed_lines(path) -> list[str]:
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _judge_and_referee(cfg, tok, dtype):
+def _judge_and_referee(cfg, tok, dtype, weights: Weights = LOAD):
     """(judge params for the consts, referee(judge, x, xm, y, ym) -> Scores) of the LM judge."""
     judge_tok = load_tokenizer(cfg.real.judge)
     template = JudgeTemplate.from_text(judge_tok.backend, bos_id=judge_tok.bos_id)
-    judge = load_lm_judge(cfg.real.judge, template, answer_token_id(judge_tok.backend, "safe"),
+    judge = weights.judge(cfg.real.judge, template, answer_token_id(judge_tok.backend, "safe"),
                           answer_token_id(judge_tok.backend, "unsafe"), dtype,
                           pad_id=judge_tok.pad_id if judge_tok.pad_id is not None else 0)
     g = cfg.game
