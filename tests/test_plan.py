@@ -180,3 +180,19 @@ def test_degrees_that_do_not_fit_the_model_are_rejected_by_the_layout_checks(inp
         E.run(_cfg(inputs, "parallel.mode=mesh", "parallel.data=1", "parallel.fsdp=0"), tmp_path)
     with pytest.raises(ValueError, match="set parallel.mode=mesh"):
         E.run(_cfg(inputs, "parallel.mode=pmap"), tmp_path)
+
+
+def test_readme_plan_table_is_the_committed_collect_output():
+    """The README's 7B memory table is `results/plan_7b.md` (written by `python -m alignjax.plan
+    --collect`) rendered by tools/readme_results.py, never typed in."""
+    import importlib.util
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("readme_results", root / "tools" / "readme_results.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    table = tool.plan_table((root / "results" / "plan_7b.md").read_text())
+    assert table.count("\n") >= 5 and "real: mesh data 1 x fsdp 16" in table
+    readme = (root / "README.md").read_text()
+    assert tool.fill(readme, "plan_7b", table) == readme

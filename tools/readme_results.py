@@ -7,6 +7,11 @@ For each study folder (written by `make experiment NAME=study_*`, alignjax/study
 rewrites the README text between `<!-- <title>:begin -->` and `<!-- <title>:end -->` with
 `alignjax.study.render_markdown(summary, compact=True)`. tests/test_study.py renders the committed
 summaries again and fails when the README differs.
+
+    python tools/readme_results.py --plan results/plan_7b.md
+
+puts the summary table of the memory plans (`python -m alignjax.plan --collect ...`) between
+`<!-- plan_7b:begin -->` and `<!-- plan_7b:end -->` (`plan_table`; tests/test_plan.py checks it).
 """
 
 from __future__ import annotations
@@ -31,9 +36,18 @@ def fill(readme: str, title: str, body: str) -> str:
     return pattern.sub(lambda _: f"{begin}\n{body}{end}", readme)
 
 
+def plan_table(plans_md: str) -> str:
+    """The summary table (header and rows) of a `--collect` file, as the README shows it."""
+    lines = plans_md.splitlines()
+    first = next(i for i, ln in enumerate(lines) if ln.startswith("| layout |"))
+    end = next((i for i, ln in enumerate(lines[first:]) if not ln.startswith("|")), len(lines) - first)
+    return "\n".join(lines[first:first + end]) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("studies", nargs="+", type=pathlib.Path)
+    ap.add_argument("studies", nargs="*", type=pathlib.Path)
+    ap.add_argument("--plan", type=pathlib.Path, help="a `python -m alignjax.plan --collect` file")
     ap.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
     readme = args.readme.read_text()
@@ -47,6 +61,9 @@ def main(argv=None) -> int:
             shutil.copyfile(folder / "plots" / f"{name}.png", out / f"{title}-{name}.png")
         readme = fill(readme, title, study.render_markdown(summary, compact=True))
         print(f"{title}: {folder} -> results/{title}.json")
+    if args.plan:
+        readme = fill(readme, "plan_7b", plan_table(args.plan.read_text()))
+        print(f"plan_7b: {args.plan}")
     args.readme.write_text(readme)
     return 0
 
