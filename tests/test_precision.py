@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_rl_ppo import make_rollout as rl_ppo_rollout
 
 from alignjax.models import LMConfig, init_critic, init_params, llama
 from alignjax.models.precision import (
@@ -23,7 +24,6 @@ from alignjax.rl import (
     LlamaPlayerModels,
     OptimizerConfig,
     PPOConfig,
-    Rollout,
     make_player_state,
     make_ppo_update,
 )
@@ -38,18 +38,9 @@ CFG = LMConfig(**TINY, num_layers=1)
 DEEP = LMConfig(**TINY, num_layers=4)
 
 
-def make_rollout(seed, b=8, p=6, n=8, vocab=CFG.vocab_size):
-    """Left-padded prompts with 1..P real tokens, right-padded responses with 1..N tokens."""
-    rng = np.random.default_rng(seed)
-    plen = rng.integers(1, p + 1, size=b)
-    rlen = rng.integers(1, n + 1, size=b)
-    rlen[0] = n
-    prompt_mask = (np.arange(p)[None, :] >= (p - plen)[:, None]).astype(np.int32)
-    response_mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.int32)
-    prompt = np.where(prompt_mask > 0, rng.integers(3, vocab, size=(b, p)), 0).astype(np.int32)
-    response = np.where(response_mask > 0, rng.integers(3, vocab, size=(b, n)), 0).astype(np.int32)
-    scores = rng.uniform(size=b).astype(np.float32)
-    return Rollout(*map(jnp.asarray, (prompt, prompt_mask, response, response_mask, scores)))
+def make_rollout(seed, b=8, p=6, n=8):
+    """tests/test_rl_ppo.py's rollout (left-padded prompts, right-padded responses) in this vocabulary."""
+    return rl_ppo_rollout(seed, b=b, p=p, n=n, vocab=CFG.vocab_size)
 
 
 def random_params(config: LMConfig, seed: int, critic: bool = False):

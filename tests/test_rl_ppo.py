@@ -29,7 +29,7 @@ CFG = LMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=1
 MODELS = LlamaPlayerModels(CFG)
 
 
-def make_rollout(seed, b=4, p=5, n=6):
+def make_rollout(seed, b=4, p=5, n=6, vocab=None):
     """Left-padded prompts with 1..P real tokens, right-padded responses with 1..N tokens."""
     rng = np.random.default_rng(seed)
     plen = rng.integers(1, p + 1, size=b)
@@ -37,8 +37,9 @@ def make_rollout(seed, b=4, p=5, n=6):
     rlen[0] = n
     prompt_mask = (np.arange(p)[None, :] >= (p - plen)[:, None]).astype(np.int32)
     response_mask = (np.arange(n)[None, :] < rlen[:, None]).astype(np.int32)
-    prompt = np.where(prompt_mask > 0, rng.integers(3, CFG.vocab_size, size=(b, p)), 0).astype(np.int32)
-    response = np.where(response_mask > 0, rng.integers(3, CFG.vocab_size, size=(b, n)), 0).astype(np.int32)
+    vocab = vocab or CFG.vocab_size
+    prompt = np.where(prompt_mask > 0, rng.integers(3, vocab, size=(b, p)), 0).astype(np.int32)
+    response = np.where(response_mask > 0, rng.integers(3, vocab, size=(b, n)), 0).astype(np.int32)
     scores = rng.uniform(size=b).astype(np.float32)
     return Rollout(*map(jnp.asarray, (prompt, prompt_mask, response, response_mask, scores)))
 
