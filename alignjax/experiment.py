@@ -94,8 +94,12 @@ class Config:
 
 def resolve(cfg: Config) -> Config:
     """The config with this machine's defaults made explicit (written to config.yaml): "auto" compute
-    precision becomes bfloat16 on GPU/TPU and float32 on CPU (alignjax/models/precision.py)."""
-    return dataclasses.replace(cfg, precision=cfg.precision.resolve(jax.default_backend()))
+    precision becomes bfloat16 on GPU/TPU and float32 on CPU (alignjax/models/precision.py); parallel
+    mode "auto" becomes mesh on GPU/TPU or several processes, pmap on one CPU process
+    (alignjax/parallel/layout.py `ParallelConfig.resolve`)."""
+    backend = jax.default_backend()
+    return dataclasses.replace(cfg, precision=cfg.precision.resolve(backend),
+                               parallel=cfg.parallel.resolve(backend, jax.process_count()))
 
 
 def check_config(cfg: Config) -> None:

@@ -237,3 +237,42 @@ def test_make_env_rejects_unknown_accelerator():
     out = make_dry_env("ACCEL=rocm")
     assert out.returncode != 0
     assert "ACCEL='rocm'" in out.stderr and "ACCEL=cuda" in out.stderr
+
+
+# --- per-backend layout default (parallel.mode: auto) -----------------------------------------------------
+
+@pytest.mark.parametrize("backend_name, processes, degrees, want", [
+    ("cpu", 1, {}, "pmap"),                       # the studies' layout on one CPU process
+    ("cpu", 1, {"data": 4}, "pmap"),
+    ("cpu", 2, {}, "mesh"),                       # several processes: one global mesh
+    ("cpu", 1, {"fsdp": 0}, "mesh"),              # fsdp over the devices left shards the state
+    ("cpu", 1, {"fsdp": 2}, "mesh"),
+    ("cpu", 1, {"tensor": 2}, "mesh"),
+    ("gpu", 1, {}, "mesh"),
+    ("tpu", 1, {}, "mesh"),
+    ("tpu", 4, {"fsdp": 0}, "mesh"),
+])
+def test_auto_layout_per_backend(backend_name, processes, degrees, want):
+    from alignjax.parallel import ParallelConfig
+
+    cfg = ParallelConfig(**degrees)
+    assert cfg.mode == "auto"
+    out = cfg.resolve(backend_name, processes)
+    assert out == ParallelConfig(mode=want, **degrees)  # only the mode changes
+
+
+@pytest.mark.parametrize("mode", ["pmap", "mesh"])
+def test_explicit_layout_is_kept_on_every_backend(mode):
+    from alignjax.parallel import ParallelConfig
+
+    for name in ("cpu", "gpu", "tpu"):
+        assert ParallelConfig(mode).resolve(name, 2).mode == mode
+
+
+def test_resolved_config_names_the_layout(tmp_path):
+    """experiment.resolve writes the concrete mode (what config.yaml records): pmap on this CPU."""
+    from alignjax import experiment as E
+
+    assert jax.default_backend() == "cpu"
+    assert E.resolve(E.Config()).parallel.mode == "pmap"
+    assert E.resolve(E.Config()).parallel == E.resolve(E.resolve(E.Config())).parallel

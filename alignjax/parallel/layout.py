@@ -1,7 +1,12 @@
 """Layouts: how a run places its state and batch on the devices (`parallel:` in the config).
 
-    parallel: {mode: pmap, data: 0}                      # default: pmap over all local devices
+    parallel: {mode: auto, data: 0}                      # default: resolved per machine (below)
+    parallel: {mode: pmap, data: 0}                      # pmap over all local devices
     parallel: {mode: mesh, data: 2, fsdp: 4, tensor: 1}  # jit over a 2 x 4 x 1 Mesh(data, fsdp, tensor)
+
+`mode: auto` is resolved before the config is written (`ParallelConfig.resolve`): mesh where the degrees
+ask for it (fsdp != 1 or tensor > 1), on a GPU or TPU, or across several processes; pmap on a single
+CPU process (the layout the committed studies were run with, bitwise).
 
 `data: 0` means "all devices that fsdp x tensor leave". In `mesh` mode the mesh spans every process's
 devices (multi-host: `parallel.distributed`), the state is sharded by `rules.state_shardings`, and
@@ -23,18 +28,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from alignjax.parallel.axes import BATCH, DATA, FSDP, MESH_AXES, TENSOR
 from alignjax.parallel.collectives import axis_index
 
-MODES = ("pmap", "mesh")
+MODES = ("auto", "pmap", "mesh")
+ACCELERATOR_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """`mode`: pmap (data parallel, replicated state) or mesh (jit + NamedSharding). `data`, `fsdp`,
+    """`mode`: pmap (data parallel, replicated state), mesh (jit + NamedSharding) or auto (`resolve`
+    picks one per machine). `data`, `fsdp`,
     `tensor`: the degrees (pmap: data only). One of data and fsdp may be 0: the devices the other
     degrees leave (data 0 is the default; fsdp 0 with data 0 means data 1). `coordinator`,
     `num_processes`, `process_id`: multi-host start-up (`parallel.distributed`; "" / 0 / -1 = from the
     environment, else one process)."""
 
-    mode: Literal["pmap", "mesh"] = "pmap"
+    mode: Literal["auto", "pmap", "mesh"] = "auto"
     data: int = 0
     fsdp: int = 1
     tensor: int = 1
@@ -53,6 +60,21 @@ class ParallelConfig:
         if self.mode == "pmap" and (self.fsdp > 1 or self.tensor > 1):  # fsdp 0: "the rest", none here
             raise ValueError(f"parallel.mode=pmap is data parallel only: fsdp={self.fsdp} and "
                              f"tensor={self.tensor} need parallel.mode=mesh")
+
+    def resolve(self, backend: str, process_count: int = 1) -> ParallelConfig:
+        """`mode: auto` made explicit for this machine (an explicit pmap or mesh is kept):
+
+        - mesh when the degrees shard the state (fsdp != 1, i.e. 0 = "the rest" or > 1, or tensor > 1);
+        - mesh on a GPU or TPU backend (one jit over NamedShardings, the state donated and kept on the
+          devices; pmap replicates it on every device) and across processes (a global mesh);
+        - pmap on a single CPU process: the layout of the committed studies and of the resume tests
+          (mesh agrees with it within 1e-5, not bitwise; tests/test_parallel.py).
+        """
+        if self.mode != "auto":
+            return self
+        shards = self.fsdp != 1 or self.tensor > 1
+        mesh = shards or backend in ACCELERATOR_BACKENDS or process_count > 1
+        return dataclasses.replace(self, mode="mesh" if mesh else "pmap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +108,9 @@ class Layout:
 def make_layout(cfg: ParallelConfig, devices: list | None = None) -> Layout:
     """The Layout of `cfg` on `devices` (pmap: the local devices; mesh: all devices of all processes).
 
-    Raises ValueError naming the axis and the sizes when the degrees do not fit the device count."""
+    Raises ValueError naming the axis and the sizes when the degrees do not fit the device count. A
+    `mode: auto` config is resolved here for this process's backend (`ParallelConfig.resolve`)."""
+    cfg = cfg.resolve(jax.default_backend(), jax.process_count())
     if cfg.mode == "pmap":
         local = list(devices if devices is not None else jax.local_devices())
         n = cfg.data or len(local)
