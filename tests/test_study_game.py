@@ -124,3 +124,40 @@ def test_a_vmapped_run_killed_before_a_save_resumes_bitwise(tmp_path):
     for s in ("s3", "s4"):
         assert _metrics(tmp_path / "ref" / s) == _metrics(tmp_path / "cut" / s)
     assert _metrics(tmp_path / "ref" / "s3") != _metrics(tmp_path / "ref" / "s4")
+
+
+def test_vmapped_seeds_on_a_mesh_agree_with_pmap(tmp_path):
+    """A study on a GPU/TPU runs its seed-stacked chunk on a mesh (parallel.mode auto -> mesh there): the
+    same two seeds on a 2-device mesh end where the 2-device pmap run ends, within float tolerance, and
+    log the same metrics (the step key, sampler draws and PPO permutation do not depend on the layout)."""
+    from test_game import random_players
+
+    from alignjax import parallel
+    from alignjax.game.loop import run_loop, stack_seeds
+    from alignjax.game.step import make_play_step
+    from alignjax.settings.synthetic import SyntheticSetting
+    from alignjax.worlds.synthetic import SyntheticWorld
+
+    cfgs = [build_config(E.Config, {**CFG, "seed": s}) for s in (3, 4)]
+    players = random_players(SyntheticWorld(cfgs[0].world))
+    two = jax.devices()[:2]
+
+    def go(name, mode):
+        axis = parallel.DATA if mode == "pmap" else None
+        builts = [SyntheticSetting().build(c, progress=False, players=players, axis_name=axis) for c in cfgs]
+        state = stack_seeds([b.state for b in builts])
+        consts = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[b.consts for b in builts])
+        layout = parallel.make_layout(parallel.ParallelConfig(mode, data=2), devices=two)
+        d = tmp_path / name
+        final = run_loop(make_play_step(builts[0].spec), state, cfgs[0].loop, d, consts=consts,
+                         seed_dirs=[d / "s3", d / "s4"], layout=layout)
+        return final, [_metrics(d / s) for s in ("s3", "s4")]
+
+    ref, ref_logs = go("pmap", "pmap")
+    out, out_logs = go("mesh", "mesh")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                                         rtol=1e-5, atol=1e-5), ref, out)
+    for a, b in zip(ref_logs, out_logs, strict=True):
+        assert a and [r.keys() for r in a] == [r.keys() for r in b]
+        for ra, rb in zip(a, b, strict=True):
+            np.testing.assert_allclose([ra[k] for k in ra], [rb[k] for k in ra], rtol=1e-4, atol=1e-5)
