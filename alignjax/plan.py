@@ -211,7 +211,7 @@ def measure(cfg, length: int | None = None) -> dict:
                      "vocab": lm.vocab_size}
               for name, tree, lm in (("defender", s.defender.policy_params, players["defender"]),
                                      ("attacker", s.attacker.policy_params, players["attacker"]))}
-    if cfg.setting == "real":
+    if cfg.setting == "real" and c.judge is not None:  # None: real.judge.kind=refusal, no model
         models["judge"] = {"parameters": _count(c.judge.params), "layers": c.judge.config.num_layers,
                            "hidden": c.judge.config.hidden_size, "vocab": c.judge.config.vocab_size}
     if c.embed_params is not None:

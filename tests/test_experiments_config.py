@@ -114,11 +114,13 @@ def test_real_paths_present_pass_the_check(tmp_path):
         cfg,
         defender=dataclasses.replace(cfg.defender, checkpoint=paths["defender"]),
         attacker=dataclasses.replace(cfg.attacker, checkpoint=paths["attacker"]),
-        real=dataclasses.replace(cfg.real, judge=paths["judge"], seed_prompts=str(tmp_path / "seeds.txt")),
+        real=dataclasses.replace(cfg.real, seed_prompts=str(tmp_path / "seeds.txt"),
+                                 judge=dataclasses.replace(cfg.real.judge, checkpoint=paths["judge"])),
         embedder=dataclasses.replace(cfg.embedder, path=""),
     )
     RealSetting().check(cfg)  # no exception: every required path exists
-    bad = dataclasses.replace(cfg, real=dataclasses.replace(cfg.real, judge=str(tmp_path / "nope")))
+    bad_judge = dataclasses.replace(cfg.real.judge, checkpoint=str(tmp_path / "nope"))
+    bad = dataclasses.replace(cfg, real=dataclasses.replace(cfg.real, judge=bad_judge))
     with pytest.raises(FileNotFoundError, match=str(pathlib.Path(tmp_path / "nope"))):
         RealSetting().check(bad)
 

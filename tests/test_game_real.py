@@ -13,15 +13,24 @@ pmap, like the MiniLM embedder). `_run_cli(..., shared_judge_tokenizer=True)` gi
 players' tokenizer instead (the judge then reads the players' ids directly); the RLHF config
 (`real_llama7b_rlhf`, stages [0, 0, 0, 0]) runs through the same helpers. Both are left out of the
 suite to keep it at one ~1-minute run.
+
+The judge options (`real.judge`, tests/test_judge_config.py for the pieces) on smaller games (one
+device, 2 steps, bag-of-words embedder, no export): the refusal-pattern judge (no judge model), and
+an LM judge whose tokenizer is a byte-level BPE where "unsafe" is two tokens, with a custom template,
+the answer words " safe" / " unsafe" and read=first_answer. With the default words that judge is
+refused through the CLI before anything but config.yaml is written, naming the words and their ids.
 """
 
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from alignjax import cli
 from alignjax.rewards.lm_judge import LLAMA_GUARD_TEMPLATE
@@ -83,28 +92,57 @@ def _checkpoint(root: pathlib.Path, tok: Tokenizer, seed: int) -> pathlib.Path:
     return path
 
 
+def _byte_level_tokenizer() -> Tokenizer:
+    """A byte-level BPE (SmolLM2's kind): "safe" and " unsafe" are one token each, "unsafe" is two
+    (the training text has "unsafe" only after a space)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # the players' words, so that re-encoded answers stay short; "unsafe" always after a space
+    text = [t.replace("'unsafe'", "' unsafe'").replace("safe unsafe", "safe, unsafe") for t in CORPUS]
+    text += ["Question: Answer: Verdict: safe", "It is safe, so safe. Verdict: unsafe. It is unsafe."]
+    tok.train_from_iterator(text * 4, trainers.BpeTrainer(
+        vocab_size=900, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert len(tok.encode("unsafe").ids) == 2 and len(tok.encode(" unsafe").ids) == 1
+    assert len(tok.encode("safe").ids) == 1 and len(tok.encode(" safe").ids) == 1
+    return tok
+
+
+def _inputs(tmp_path, judge_tok: Tokenizer | None):
+    """Defender, attacker (and, given its tokenizer, judge) checkpoints, seed and benign files."""
+    players_tok = _word_tokenizer(reverse_words=False)
+    ckpts = tmp_path / "ckpt"
+    ckpts.mkdir()
+    paths = {"defender": _checkpoint(ckpts, players_tok, seed=1),
+             "attacker": _checkpoint(ckpts, players_tok, seed=2)}
+    if judge_tok is not None:
+        paths["judge"] = _checkpoint(ckpts, judge_tok, seed=3)
+    paths["seeds"] = tmp_path / "seeds.txt"
+    paths["seeds"].write_text("\n".join(SEEDS) + "\n\n")  # a trailing blank line is not a prompt
+    paths["benign"] = tmp_path / "benign.txt"
+    paths["benign"].write_text("\n".join(SEEDS[:3]) + "\n")
+    return paths
+
+
+def _argv(name: str, paths: dict) -> list[str]:
+    judge = [f"real.judge.checkpoint={paths['judge']}"] if "judge" in paths else []
+    return [name, f"defender.checkpoint={paths['defender']}", f"attacker.checkpoint={paths['attacker']}",
+            *judge, f"real.seed_prompts={paths['seeds']}", f"real.benign_prompts={paths['benign']}"]
+
+
 def _run_cli(tmp_path, monkeypatch, name: str, shared_judge_tokenizer: bool):
     """(run folder, {"defender": initial checkpoint, "attacker": initial checkpoint})."""
     players_tok = _word_tokenizer(reverse_words=False)
     judge_tok = players_tok if shared_judge_tokenizer else _word_tokenizer(reverse_words=True)
     assert (judge_tok.get_vocab() == players_tok.get_vocab()) == shared_judge_tokenizer
-    ckpts = tmp_path / "ckpt"
-    ckpts.mkdir()
-    defender, attacker = _checkpoint(ckpts, players_tok, seed=1), _checkpoint(ckpts, players_tok, seed=2)
-    judge = _checkpoint(ckpts, judge_tok, seed=3)
-    seeds = tmp_path / "seeds.txt"
-    seeds.write_text("\n".join(SEEDS) + "\n\n")  # a trailing blank line is not a prompt
-    benign = tmp_path / "benign.txt"
-    benign.write_text("\n".join(SEEDS[:3]) + "\n")
+    paths = _inputs(tmp_path, judge_tok)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the cli writes runs/<NAME>/<timestamp>/ under the working directory
-    argv = [name, f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}", f"real.judge={judge}",
-            f"real.seed_prompts={seeds}", f"real.benign_prompts={benign}", *BUDGET]  # fmt: skip
     # the yaml's precision: float32 master weights and Adam moments, bfloat16 forward/backward
-    assert cli.main(argv) == 0
+    assert cli.main(_argv(name, paths) + BUDGET) == 0
     (run_dir,) = (work / "runs" / name).iterdir()
-    return run_dir, {"defender": defender, "attacker": attacker}
+    return run_dir, {"defender": paths["defender"], "attacker": paths["attacker"]}
 
 
 def _check_run_folder(run_dir: pathlib.Path, initial: dict, stages: list[int], attacker_learns: bool):
@@ -205,3 +243,84 @@ def test_long_seed_prompts_are_rejected_or_cut_and_counted(tmp_path):
     assert cut == 1 and n_long > 7
     assert tokens.shape == (2, 7) and mask[1].sum() == 7  # the last 7 tokens kept
     assert list(tokens[1]) == tok.encode_batch([lines[1]])[0][-7:]
+
+
+# A smaller game for the judge options: one device, one defend and one attack step in one chunk.
+SMALL_BUDGET = [
+    "game.batch_size=2", "parallel.mode=pmap", "parallel.data=1", "loop.total_steps=2", "loop.chunk_size=2",
+    "game.schedule.preset=custom", "game.schedule.n_def=1", "game.schedule.n_att=1",
+    "game.attacker_sampling.max_new_tokens=6", "game.defender_sampling.max_new_tokens=6",
+    "game.history_capacity=8", "real.max_prompt_tokens=12", "eval.real_prompts=2", "real.long_seeds=truncate",
+    "embedder.kind=bow", "export=false",
+]  # fmt: skip
+
+
+def _small_game(tmp_path, monkeypatch, judge_tok, judge_options):
+    paths = _inputs(tmp_path, judge_tok)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.main(_argv("real_llama7b_gpo_div", paths) + SMALL_BUDGET + judge_options) == 0
+    (run_dir,) = (work / "runs" / "real_llama7b_gpo_div").iterdir()
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "stage" in r]
+    assert [r["stage"] for r in steps] == [0, 1]
+    results = json.loads((run_dir / "results.json").read_text())
+    for label in ("initial", "final"):
+        for k in ("defender_attack_success", "attacker_attack_success", "over_refusal"):
+            assert 0.0 <= results[label][k] <= 1.0
+    return run_dir, steps, (run_dir / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_real_game_with_the_refusal_judge(tmp_path, monkeypatch):
+    """real.judge.kind=refusal: no judge model; every answer's verdict is 0 or 1, and results.md says
+    which judge ran and that it is a proxy."""
+    run_dir, steps, md = _small_game(tmp_path, monkeypatch, None, ["real.judge.kind=refusal"])
+    for r in steps:  # a batch mean of hard verdicts: p_safe + p_unsafe = 1, in multiples of 1/batch
+        assert r["judge/p_safe"] + r["judge/p_unsafe"] == pytest.approx(1.0)
+        assert r["judge/p_unsafe"] * 2 == pytest.approx(round(r["judge/p_unsafe"] * 2))
+    assert "refusal-pattern proxy" in md and "- judge: refusal-pattern proxy (real.judge.kind=refusal)" in md
+    assert "over-counts" in md and "under-counts" in md
+    import yaml
+
+    judge = yaml.safe_load((run_dir / "config.yaml").read_text())["real"]["judge"]
+    assert judge["kind"] == "refusal" and judge["checkpoint"] == ""
+
+
+@pytest.mark.slow
+def test_real_game_with_custom_judge_words_and_template(tmp_path, monkeypatch):
+    """A byte-level BPE judge: the answer words " safe" / " unsafe" (one token each), a custom template
+    with a special token, read at the judge's first answer within 3 greedy tokens."""
+    tok = _byte_level_tokenizer()
+    template = "<s>Question: {prompt}\nAnswer: {response}\nVerdict:"
+    run_dir, steps, md = _small_game(tmp_path, monkeypatch, tok, [
+        f"real.judge.template={json.dumps(template)}", 'real.judge.safe=" safe"',
+        'real.judge.unsafe=" unsafe"', "real.judge.bos=false", "real.judge.read=first_answer",
+        "real.judge.read_tokens=3"])
+    for r in steps:
+        assert 0.0 <= r["judge/p_safe"] and 0.0 <= r["judge/p_unsafe"]
+        assert r["judge/p_safe"] + r["judge/p_unsafe"] <= 1.0 + 1e-5
+    safe, unsafe = tok.token_to_id("\u0120safe"), tok.token_to_id("\u0120unsafe")
+    assert f"answers ' safe' (id {safe}) / ' unsafe' (id {unsafe}) read at the first answer within 3" in md
+    assert "template custom text" in md
+
+
+def test_cli_rejects_judge_words_that_are_not_one_token(tmp_path):
+    """The paper's words with a byte-level BPE judge: "unsafe" is two tokens. The CLI exits non-zero,
+    naming real.judge.unsafe and its ids and a one-token variant, before anything but config.yaml."""
+    tok = _byte_level_tokenizer()
+    paths = _inputs(tmp_path, tok)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "alignjax.cli", *_argv("real_llama7b_gpo_div", paths),
+                           *SMALL_BUDGET], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    ids = tok.encode("unsafe").ids
+    assert f"real.judge.unsafe='unsafe' encodes to 2 tokens {ids}" in proc.stderr, proc.stderr[-3000:]
+    assert f"' unsafe' (id {tok.token_to_id(chr(0x120) + 'unsafe')})" in proc.stderr
+    assert "real.judge.safe" not in proc.stderr  # "safe" is one token: only the bad word is named
+    written = [p.relative_to(work) for p in work.rglob("*") if p.is_file()]
+    assert all(p.name == "config.yaml" for p in written), written
+

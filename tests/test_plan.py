@@ -73,8 +73,8 @@ def inputs(tmp_path_factory):
     player, judge = _config_only(root / "player", tok), _config_only(root / "judge", tok)
     seeds = root / "seeds.txt"
     seeds.write_text("\n".join(SEEDS) + "\n")
-    paths = [f"defender.checkpoint={player}", f"attacker.checkpoint={player}", f"real.judge={judge}",
-             f"real.seed_prompts={seeds}"]
+    paths = [f"defender.checkpoint={player}", f"attacker.checkpoint={player}",
+             f"real.judge.checkpoint={judge}", f"real.seed_prompts={seeds}"]
     return {"root": root, "paths": paths, "tok": tok}
 
 
@@ -149,7 +149,7 @@ def test_abstract_build_reads_no_weights_and_matches_the_loaded_build(inputs, tm
     real = hf_io.save_pretrained(llama.init_params(config, jax.random.PRNGKey(1)), config, tmp_path / "real")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(inputs["root"] / "player" / name, real / name)
-    paths = [f"defender.checkpoint={real}", f"attacker.checkpoint={real}", f"real.judge={real}"]
+    paths = [f"defender.checkpoint={real}", f"attacker.checkpoint={real}", f"real.judge.checkpoint={real}"]
     cfg = E.resolve(_cfg(inputs, *paths))
     loaded = RealSetting().build(cfg, axis_name=None)
 

@@ -76,8 +76,8 @@ def test_every_option_works_or_is_rejected_by_name(setting):
     if setting == "real":
         assert {"data", "world.seed", "eval.attacker_samples_per_seed", "cache_dir"} <= set(rejected)
     else:
-        assert {"real.judge", "real.seed_prompts", "eval.real_prompts", "defender.critic_checkpoint"} <= set(
-            rejected)
+        assert {"real.judge.checkpoint", "real.seed_prompts", "eval.real_prompts",
+                "defender.critic_checkpoint"} <= set(rejected)
     for shared in ("game.batch_size", "loop.total_steps", "eval.every_chunks", "embedder.kind", "seed"):
         assert shared in accepted
 

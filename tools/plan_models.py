@@ -15,7 +15,7 @@ Then, e.g.:
 
     make experiment NAME=real_llama7b_gpo_div ARGS="plan=true parallel.data=1 parallel.fsdp=16 \\
         defender.checkpoint=cache/plan_models/llama-2-7b attacker.checkpoint=cache/plan_models/llama-2-7b \\
-        real.judge=cache/plan_models/llama-guard-7b real.seed_prompts=cache/plan_models/seeds.txt"
+        real.judge.checkpoint=cache/plan_models/llama-guard-7b real.seed_prompts=cache/plan_models/seeds.txt"
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     paths = write_all(args.out, args.layers)
     print(f"defender.checkpoint={paths['player']} attacker.checkpoint={paths['player']} "
-          f"real.judge={paths['judge']} real.seed_prompts={paths['seeds']}")
+          f"real.judge.checkpoint={paths['judge']} real.seed_prompts={paths['seeds']}")
 
 
 if __name__ == "__main__":
