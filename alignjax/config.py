@@ -1,8 +1,10 @@
 """Typed experiment configs: nested dataclasses filled from YAML plus dotted overrides.
 
-`build_config(cls, mapping, overrides)` walks the dataclass tree; unknown keys and values of the
-wrong type fail with a `ConfigError` that lists the valid keys at that level. Values of a dotted
-override (`game.rounds=4`) are parsed as YAML scalars (`4` -> int, `true` -> bool, `[1,2]` -> list).
+`build_config(cls, mapping, overrides)` walks the dataclass tree; unknown keys, values of the wrong
+type and values a dataclass's own `__post_init__` rejects fail with a `ConfigError` that names the
+dotted key (and lists the valid keys at that level). Values of a dotted override (`game.rounds=4`)
+are parsed as YAML scalars (`4` -> int, `true` -> bool, `[1,2]` -> list). YAML is only ever read
+with `yaml.safe_load` (no Python objects from a config file).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad input (a config, a data file, a checkpoint) named in the message: `alignjax.cli` prints the
+    message without a traceback and exits with status 2."""
+
+
+class ConfigError(InputError):
     pass
 
 
@@ -101,7 +108,11 @@ def parse_overrides(overrides) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -118,11 +129,13 @@ def merge_trees(base: dict, top: dict) -> dict:
 
 def build_config(cls, mapping: dict | None = None, overrides=(), where: str = "config"):
     """Instantiate dataclass `cls` from `mapping` (+ dotted `overrides`), validating keys and types."""
-    mapping = dict(mapping or {})
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping (a section of keys), got {mapping!r}")
+    mapping = dict(mapping)
     if overrides:
         mapping = merge_trees(mapping, parse_overrides(overrides))
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {mapping!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
@@ -137,8 +150,15 @@ def build_config(cls, mapping: dict | None = None, overrides=(), where: str = "c
             kwargs[name] = build_config(hints[name], {}, (), f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # a missing field, or the dataclass's own __post_init__ check
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _one_line(err: Exception) -> str:
+    """A YAML error's message on one line (it names the line and column of the culprit)."""
+    return " ".join(str(err).split())
 
 
 def flatten(tree: dict | None, prefix: str = "") -> dict:

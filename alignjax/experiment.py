@@ -23,9 +23,11 @@ k = 0; GPO+Div = alternating with k > 0; simultaneous = both players learn every
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import pathlib
+import sys
 import time
 from typing import Literal
 
@@ -35,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignjax import backend, parallel, report
-from alignjax.config import config_diff, flatten, to_dict
+from alignjax.config import ConfigError, config_diff, flatten, to_dict
 from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.loop import LoopConfig, run_loop, stack_seeds, unstack_seeds
@@ -102,18 +104,116 @@ def resolve(cfg: Config) -> Config:
                                parallel=cfg.parallel.resolve(backend, jax.process_count()))
 
 
+# The smallest value of every size option: a zero or negative size is rejected by name (check_config).
+_PLAYERS = [f"{p}.{o}_optimizer" for p in ("defender", "attacker") for o in ("policy", "critic")]
+MIN_SIZES = {
+    "game.batch_size": 1, "game.history_capacity": 1, "game.schedule.n_def": 0, "game.schedule.n_att": 0,
+    **{f"game.{p}_sampling.{k}": m for p in ("defender", "attacker") for k, m in
+       (("max_new_tokens", 1), ("top_k", 0))},
+    **{f"game.{p}_ppo.{k}": 1 for p in ("defender", "attacker") for k in ("epochs", "num_minibatches")},
+    "loop.total_steps": 1, "loop.chunk_size": 1, "loop.max_to_keep": 1,
+    **{f"{o}.{k}": 0 for o in _PLAYERS for k in ("warmup_steps", "decay_steps")},
+    "embedder.dim": 1, "embedder.max_len": 1,
+    "eval.every_chunks": 0, "eval.attacker_samples_per_seed": 1, "eval.real_prompts": 1,
+    "real.max_prompt_tokens": 1,
+    "parallel.data": 0, "parallel.fsdp": 0, "parallel.tensor": 1, "parallel.num_processes": 0,
+    **{f"world.{k}": 1 for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                                 "intermediate_size", "sft_batch_size")},
+    "world.defender_sft_steps": 0, "world.attacker_sft_steps": 0,
+}  # fmt: skip
+
+
 def check_config(cfg: Config) -> None:
-    """The setting's own checks (options it lacks, paths it needs), then cross-field checks that the
-    dataclasses cannot do alone."""
+    """Sizes (MIN_SIZES), the setting's own checks (options it lacks, paths it needs), then cross-field
+    checks that the dataclasses cannot do alone. Raises ConfigError / FileNotFoundError naming the key."""
+    values = flatten(to_dict(cfg))
+    small = [f"{k}={values[k]} (must be >= {m})" for k, m in MIN_SIZES.items() if values[k] < m]
+    if small:
+        raise ConfigError("size(s) out of range: " + ", ".join(small))
     get_setting(cfg.setting).check(cfg)
     g = cfg.game
     if cfg.data == "paraphrase" and (g.prompt_source != "seeds" or g.schedule.mode != "defend_only"):
-        raise ValueError("data: paraphrase is the Paraphrase baseline: it needs game.prompt_source=seeds "
-                         "and game.schedule.mode=defend_only")
+        raise ConfigError("data: paraphrase is the Paraphrase baseline: it needs game.prompt_source=seeds "
+                          "and game.schedule.mode=defend_only")
     if g.needs_embedder and cfg.embedder.kind == "none":
-        raise ValueError("game.use_embedding is true but embedder.kind is 'none'")
+        raise ConfigError("game.use_embedding is true but embedder.kind is 'none'")
     if cfg.loop.chunk_size > max(cfg.loop.total_steps, 1):
-        raise ValueError(f"loop.chunk_size={cfg.loop.chunk_size} > loop.total_steps={cfg.loop.total_steps}")
+        raise ConfigError(f"loop.chunk_size={cfg.loop.chunk_size} > loop.total_steps={cfg.loop.total_steps}")
+
+
+def validate(cfg: Config) -> None:
+    """Everything that can be checked before a run writes or builds anything (`alignjax.cli` calls it
+    before config.yaml is written; `run` calls it again): `check_config`, then the inputs the config
+    names (`check_inputs`). A memory plan (plan=true) reads no weights: its inputs are not opened."""
+    check_config(cfg)
+    if not cfg.plan:
+        check_inputs(cfg)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:  # (validate runs in the cli, then again in run)
+    tqdm.write(f"[alignjax] warning: {message}", file=sys.stderr)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Read the inputs the config names, cheaply, and reject bad ones by name: the folder to resume
+    (a run of this config), the checkpoint folders (config.json, architecture, safetensors only, tensor
+    shapes from the headers: `hf_io.check_checkpoint`), and in the real setting the players' tokenizers
+    (one vocabulary, one pad and EOS id) and the prompt files (`real_data.read_prompt_lines`: not
+    empty, UTF-8, no question longer than the model's context or the prompt block, duplicates counted
+    in a warning, at least game.batch_size questions). NaN weights are found while loading (hf_io)."""
+    from alignjax.models import hf_io
+    from alignjax.settings.real import check_judge
+    from alignjax.text.tokenizer import check_players_agree, folder_tokens, load_tokenizer
+    from alignjax.worlds import real_data
+
+    if cfg.resume:
+        check_resume_folder(cfg)
+    for who in ("defender", "attacker"):
+        player = getattr(cfg, who)
+        if player.checkpoint:
+            hf_io.check_checkpoint(player.checkpoint, f"{who}.checkpoint")
+        if player.critic_checkpoint:
+            hf_io.check_checkpoint(player.critic_checkpoint, f"{who}.critic_checkpoint",
+                                   hf_io.SEQ_CLS_ARCHITECTURES)
+    if cfg.setting != "real":
+        return
+    real = cfg.real
+    if real.judge.kind == "lm":  # kind refusal has no model
+        hf_io.check_checkpoint(real.judge.checkpoint, "real.judge.checkpoint")
+    check_judge(cfg)  # the judge's template and answer words against its tokenizer (settings/real.py)
+    tok_option = f"real.tokenizer={real.tokenizer}" if real.tokenizer else \
+        f"defender.checkpoint={cfg.defender.checkpoint}"
+    sources = {tok_option: folder_tokens(real.tokenizer or cfg.defender.checkpoint)}
+    for who in ("defender", "attacker"):
+        path = getattr(cfg, who).checkpoint
+        if f"{who}.checkpoint={path}" != tok_option and not hf_io.is_gguf(path):
+            sources[f"{who}.checkpoint={path}"] = folder_tokens(path)
+    check_players_agree(sources)
+    tok = load_tokenizer(real.tokenizer or cfg.defender.checkpoint)
+    context = min((hf_io.read_config(getattr(cfg, who).checkpoint)[0].max_position_embeddings
+                   for who in ("defender", "attacker") if not hf_io.is_gguf(getattr(cfg, who).checkpoint)),
+                  default=None)  # (a GGUF file states its context inside; gguf_io reads it)
+    block = cfg.game.attacker_sampling.max_new_tokens  # a seed asked directly must fit the prompt block
+    for option in ("real.seed_prompts", "real.benign_prompts"):
+        path = getattr(real, option.split(".")[1])
+        if not path:
+            continue
+        prompts = real_data.read_prompt_lines(path, option)
+        if (warning := prompts.duplicate_warning(option)) is not None:
+            _warn_once(warning)
+        encode = tok.encode
+        if context is not None:
+            real_data.check_prompt_lengths(prompts, encode, context, option, "the players' context "
+                                           "(max_position_embeddings)")
+        if real.long_seeds == "reject":
+            real_data.check_prompt_lengths(
+                prompts, encode, min(real.max_prompt_tokens, block), option,
+                f"real.max_prompt_tokens={real.max_prompt_tokens} / the prompt block game.attacker_sampling."
+                f"max_new_tokens={block} (real.long_seeds=truncate keeps the last tokens, counted)")
+        if option == "real.seed_prompts" and len(prompts.texts) < cfg.game.batch_size:
+            raise ConfigError(f"game.batch_size={cfg.game.batch_size} is larger than the seed set: "
+                              f"real.seed_prompts={path!r} holds {len(prompts.texts)} question(s)")
 
 
 def evaluation_due(step: int, cfg: Config) -> bool:
@@ -130,7 +230,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
         from alignjax import plan
 
         return plan.run(cfg, run_dir)
-    check_config(cfg)
+    validate(cfg)
     environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
     t = {"start": time.perf_counter()}
@@ -334,10 +434,7 @@ def resume_dir(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     `run_dir` then gets a pointer file) or `run_dir`."""
     if not cfg.resume:
         return run_dir
-    old = pathlib.Path(cfg.resume)
-    if not (old / "checkpoints").is_dir():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: {old / 'checkpoints'} does not exist")
-    check_resume_config(cfg, old)
+    old = check_resume_folder(cfg)
     if old.resolve() != run_dir.resolve():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "RESUMED_IN.txt").write_text(f"this run continues in {old}\n")
@@ -345,14 +442,24 @@ def resume_dir(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
     return old
 
 
+def check_resume_folder(cfg: Config) -> pathlib.Path:
+    """`cfg.resume` as a folder, checked to hold checkpoints and a config.yaml of the same config."""
+    old = pathlib.Path(cfg.resume)
+    if not (old / "checkpoints").is_dir():
+        raise FileNotFoundError(f"resume={cfg.resume!r}: {old / 'checkpoints'} does not exist")
+    check_resume_config(cfg, old)
+    return old
+
+
 def check_resume_config(cfg: Config, old: pathlib.Path) -> None:
     """A resumed run must use the old run's config (loop.total_steps may grow, `resume` differs)."""
     path = old / "config.yaml"
+    if not old.is_dir():
+        raise FileNotFoundError(f"resume={str(old)!r} does not exist (needs a run folder runs/NAME/<stamp>)")
     if not path.exists():
-        return
-
+        raise ConfigError(f"resume={str(old)!r} is not a run folder: it has no config.yaml")
     diff = config_diff(path.read_text(), cfg, ignore=RESUMABLE_CHANGES)
     if diff:
-        raise ValueError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
+        raise ConfigError(f"resume={str(old)!r}: the config differs from that run's in {diff}; "
                          "resume with the same settings (only loop.total_steps, allow_cpu and the parallel "
                          "layout may change)")

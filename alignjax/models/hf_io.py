@@ -20,6 +20,12 @@ stack the layers on a leading axis:
     lm_head.weight [V, D]                            -> lm_head [D, V]   (absent when tied)
 
 Config conversion (rope parameters, sliding windows, architectures) is `models/hf_config.py`.
+
+Safe loading: weights are read only from safetensors files (a flat header and raw arrays); PyTorch
+`.bin` / `.pt` files are pickles, which can run code when loaded, and are refused with a message
+saying so (nothing here calls `torch.load` or `pickle`, and `trust_remote_code` is never set). Every
+floating tensor read is checked to be finite. `check_checkpoint` validates a folder from its
+config.json and the safetensors headers alone (no tensor is read), before anything is built.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ from alignjax.models.hf_config import (  # noqa: F401  (part of this module's AP
     config_from_hf,
     config_to_hf,
 )
+
+# PyTorch weight files: pickles (loading one can run arbitrary code), never read.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 # Tensors some older checkpoints carry that hold no learned weights.
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -92,45 +101,69 @@ class SafetensorsReader:
             with safe_open(single, framework="np") as f:
                 self._file_of = {name: single for name in f.keys()}
         else:
-            present = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
-            hint = ""
-            if any(n.endswith(".bin") for n in present):
-                hint = " (only PyTorch .bin weights found: convert them to safetensors)"
+            if not self.path.is_dir():
+                raise FileNotFoundError(f"checkpoint folder {self.path} does not exist")
+            present = sorted(p.name for p in self.path.iterdir())
+            pickles = [n for n in present if n.endswith(_PICKLE_SUFFIXES)]
+            if pickles:  # (a FileNotFoundError: the safetensors weights it needs are not there)
+                raise FileNotFoundError(
+                    f"{self.path} holds PyTorch pickle weights {pickles} and no model.safetensors: refused, "
+                    "since unpickling a file can run arbitrary code; alignjax reads weights only from "
+                    "safetensors (convert once where you trust the file: load it with transformers and "
+                    "save_pretrained(..., safe_serialization=True))")
             raise FileNotFoundError(
-                f"no model.safetensors or model.safetensors.index.json in {self.path}{hint}; found {present}"
+                f"no model.safetensors or model.safetensors.index.json in {self.path}; found {present}"
             )
         self._handles: dict[pathlib.Path, Any] = {}
 
     def keys(self) -> set[str]:
         return set(self._file_of)
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    def _handle(self, name: str):
         if name not in self._file_of:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint in {self.path}")
         f = self._file_of[name]
         if f not in self._handles:
             self._handles[f] = safe_open(f, framework="np")
-        x = self._handles[f].get_tensor(name)
-        if shape is not None and tuple(x.shape) != tuple(shape):
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(x.shape)}, but the config implies {tuple(shape)}"
-            )
+        return self._handles[f]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape from the file header (its data is not read)."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        got = self.shape(name)
+        if got != tuple(shape):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has shape {got}, but config.json implies "
+                                  f"{tuple(shape)}")
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor (shape checked against `shape`); a floating tensor holding NaN or inf raises."""
+        if shape is not None:
+            self.check_shape(name, shape)
+        x = self._handle(name).get_tensor(name)
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise CheckpointError(f"{self.path}: tensor {name!r} holds {bad} NaN/inf value(s) of "
+                                      f"{x.size}: the checkpoint is damaged or diverged")
         return x
 
 
-def read_backbone(
-    reader: SafetensorsReader, config: LMConfig, dtype=jnp.float32, prefix: str = "model."
-) -> tuple[llama.Params, set[str]]:
-    """Backbone params (everything but lm_head) and the set of tensor names consumed."""
-    d, f, L = config.hidden_size, config.intermediate_size, config.num_layers
+def _hf_layer_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
+    """{our layer tensor name: its HF shape} (one layer) implied by the config."""
+    d, f = config.hidden_size, config.intermediate_size
     qd, kvd = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    hf_shape = {
+    return {
         "wq": (qd, d), "wk": (kvd, d), "wv": (kvd, d), "wo": (d, qd),
         "w_gate": (f, d), "w_up": (f, d), "w_down": (d, f),
         "attn_norm": (d,), "mlp_norm": (d,),
         "bq": (qd,), "bk": (kvd,), "bv": (kvd,), "bo": (d,),
         "b_gate": (f,), "b_up": (f,), "b_down": (d,),
     }  # fmt: skip
+
+
+def _layer_specs(config: LMConfig) -> list[tuple[str, str, bool]]:
     specs = list(_LAYER_TENSORS)
     if config.attention_bias:
         specs += [(n, h, False) for n, h in _QKV_BIAS]
@@ -138,6 +171,26 @@ def read_backbone(
         specs += [(n, h, False) for n, h in _OUT_BIAS]
     if config.mlp_bias:
         specs += [(n, h, False) for n, h in _MLP_BIAS]
+    return specs
+
+
+def backbone_shapes(config: LMConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """{HF tensor name: shape} of the backbone (everything but lm_head) that the config implies."""
+    hf_shape = _hf_layer_shapes(config)
+    out = {f"{prefix}embed_tokens.weight": (config.vocab_size, config.hidden_size),
+           f"{prefix}norm.weight": (config.hidden_size,)}
+    for ours, hf, _ in _layer_specs(config):
+        out.update({f"{prefix}layers.{i}.{hf}": hf_shape[ours] for i in range(config.num_layers)})
+    return out
+
+
+def read_backbone(
+    reader: SafetensorsReader, config: LMConfig, dtype=jnp.float32, prefix: str = "model."
+) -> tuple[llama.Params, set[str]]:
+    """Backbone params (everything but lm_head) and the set of tensor names consumed."""
+    d, L = config.hidden_size, config.num_layers
+    hf_shape = _hf_layer_shapes(config)
+    specs = _layer_specs(config)
     used: set[str] = set()
 
     def take(name, shape):
@@ -175,17 +228,67 @@ def check_no_unexpected(reader: SafetensorsReader, used: set[str]) -> None:
     extra = sorted(k for k in reader.keys() - used if not k.endswith(_IGNORABLE_SUFFIXES))
     if extra:
         more = f" (+{len(extra) - 8} more)" if len(extra) > 8 else ""
-        raise CheckpointError(f"unexpected tensors in {reader.path}: {extra[:8]}{more}")
+        raise CheckpointError(f"unexpected tensors in {reader.path}: {extra[:8]}{more} (does config.json "
+                              "match the weights? e.g. num_hidden_layers)")
 
 
 def read_config(path: str | os.PathLike) -> tuple[LMConfig, str, dict[str, Any]]:
     """(LMConfig, HF architecture class name, raw config.json mapping) of an HF folder."""
-    cfg_path = pathlib.Path(path) / "config.json"
+    folder = pathlib.Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found (an HF model folder needs config.json)")
-    raw = json.loads(cfg_path.read_text())
-    config, arch = config_from_hf(raw)
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}")
+    try:
+        config, arch = config_from_hf(raw)
+    except CheckpointError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
+    except (KeyError, TypeError, ValueError) as e:  # a missing or malformed size field
+        what = f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{cfg_path}: cannot read the model's sizes ({what})") from None
     return config, arch, raw
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (or a folder holding one and no safetensors): `gguf_io` reads it."""
+    from alignjax.models import gguf_io
+
+    return gguf_io.gguf_file_of(path) is not None
+
+
+def check_checkpoint(path: str | os.PathLike, option: str, kinds=CAUSAL_LM_ARCHITECTURES) -> None:
+    """Validate an HF model folder before anything is built, from its config.json and the safetensors
+    headers alone (no tensor data is read): the folder exists, config.json is readable and names an
+    architecture among `kinds`, the weights are safetensors, and every tensor the config implies is
+    there with its shape (no unexpected ones). A GGUF file is left to `gguf_io` (it names its own bad
+    input). Raises FileNotFoundError / CheckpointError, prefixed with `option`."""
+    try:
+        if is_gguf(path):
+            return
+        config, arch, raw = read_config(path)
+        if arch not in kinds:
+            raise CheckpointError(f"{path} holds a {arch}; this option needs one of {sorted(kinds)}")
+        reader = SafetensorsReader(path)
+        keys = reader.keys()
+        prefix = _backbone_prefix(keys)
+        expected = backbone_shapes(config, prefix)
+        if arch in CAUSAL_LM_ARCHITECTURES:
+            tied = raw.get("tie_word_embeddings", "lm_head.weight" not in keys)
+            if not tied:
+                expected["lm_head.weight"] = (config.vocab_size, config.hidden_size)
+        for name, shape in expected.items():
+            reader.check_shape(name, shape)
+        if arch in CAUSAL_LM_ARCHITECTURES:  # (a reward model's head is checked by its loader)
+            check_no_unexpected(reader, set(expected) | {"lm_head.weight"})
+    except (FileNotFoundError, CheckpointError) as e:
+        raise type(e)(f"{option}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------- public

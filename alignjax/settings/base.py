@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import jax
 
+from alignjax.config import ConfigError
 from alignjax.game.state import GameState
 from alignjax.game.step import GameConsts, GameSpec
 
@@ -62,14 +63,14 @@ def _leaves(obj, prefix: str = "") -> dict[str, Any]:
 
 
 def unsupported_options(cfg, default_cfg, unsupported: tuple[str, ...], setting: str) -> None:
-    """Raise ValueError naming every option under `unsupported` (dotted names or section prefixes
-    ending in ".") whose value differs from its default: the setting has no such option."""
+    """Raise ConfigError (a ValueError) naming every option under `unsupported` (dotted names or section
+    prefixes ending in ".") whose value differs from its default: the setting has no such option."""
     now, default = _leaves(cfg), _leaves(default_cfg)
     bad = [k for k in now if now[k] != default[k]
            and any(k == u or (u.endswith(".") and k.startswith(u)) for u in unsupported)]
     if bad:
-        raise ValueError(f"setting {setting!r} has no option(s) {bad}: they exist only in another "
-                         "setting; remove them from the config")
+        raise ConfigError(f"setting {setting!r} has no option(s) {bad}: they exist only in another "
+                          "setting; remove them from the config")
 
 
 def check_paths(needs: list[tuple[str, str, str, bool]]) -> None:

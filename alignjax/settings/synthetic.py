@@ -11,11 +11,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 
 from alignjax import parallel
+from alignjax.config import ConfigError
 from alignjax.eval.exploitability import expected_unsafe, exploitability, sample_attacks
 from alignjax.eval.safety import evaluate_attacker, evaluate_defender
 from alignjax.game import keys
@@ -45,6 +47,11 @@ class SyntheticSetting:
         check_paths(common_paths(cfg) + [
             (f"{n}.checkpoint", getattr(cfg, n).checkpoint, "an HF causal-LM folder", False)
             for n in ("defender", "attacker")])
+        n = seed_set_size(cfg.world)
+        if cfg.game.batch_size > n:
+            raise ConfigError(f"game.batch_size={cfg.game.batch_size} is larger than the world's seed set D "
+                              f"({n} prompts; world.seed_set={cfg.world.seed_set!r}): a step draws its batch "
+                              "from D without repeats")
 
     def build(self, cfg, progress: bool = True, players=None, axis_name=parallel.DATA_AXIS) -> Built:
         """World, SFT'd players (or `players` given; or `<player>.checkpoint` folders), spec, state at
@@ -146,6 +153,12 @@ class SyntheticSetting:
                for k in [f"asr_{s}" for s in SPLITS] + ["over_refusal"]}
         return out | {"best_response_asr": float(mix.max()), "mean_asr": float(mix.mean()),
                       "fraction_exploitable": float(np.mean(mix > 0.5)), "members": len(members)}
+
+
+@functools.lru_cache(maxsize=4)
+def seed_set_size(world_cfg) -> int:
+    """The number of prompts in the world's seed set D (the world is built once per config, ~1 s)."""
+    return len(SyntheticWorld(world_cfg).prompts("seeds"))
 
 
 def _load(path):

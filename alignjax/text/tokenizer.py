@@ -8,6 +8,9 @@ The backend is always a `tokenizers.Tokenizer` (Rust, no torch). `encode` never 
 BOS and templates are placed explicitly (see `templates.TokenTemplate`), so no post-processor can
 silently prepend a BOS (the GPO authors' judge read the BOS token's probability that way). The folder's
 Jinja chat template, if any, is kept as text (`chat_template`) for `TokenTemplate.from_chat`.
+`transformers` is only a fallback for folders without tokenizer.json, and never with remote code.
+
+    check_players_agree({"defender.checkpoint=/a": folder_tokens("/a"), ...})   # same vocab, pad, EOS
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import pathlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from alignjax.config import InputError
 
 SPECIAL_NAMES = ("bos", "eos", "pad", "unk")
 
@@ -141,7 +146,7 @@ def _special_from_files(folder: pathlib.Path) -> dict[str, str | int]:
         f = folder / name
         if not f.exists():
             continue
-        data = json.loads(f.read_text())
+        data = _read_json(f)
         for s in SPECIAL_NAMES:
             v = data.get(f"{s}_token")
             if isinstance(v, dict):
@@ -152,7 +157,7 @@ def _special_from_files(folder: pathlib.Path) -> dict[str, str | int]:
         f = folder / name
         if not f.exists():
             continue
-        data = json.loads(f.read_text())
+        data = _read_json(f)
         for s in SPECIAL_NAMES:
             v = data.get(f"{s}_token_id")
             if isinstance(v, list):  # several EOS ids (Llama 3): the first is the canonical one
@@ -160,6 +165,16 @@ def _special_from_files(folder: pathlib.Path) -> dict[str, str | int]:
             if isinstance(v, int) and s not in found:
                 found[s] = v
     return found
+
+
+def _read_json(f: pathlib.Path) -> dict:
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _chat_template_from_files(folder: pathlib.Path) -> str | dict[str, str] | None:
@@ -210,7 +225,9 @@ def load_tokenizer(
         try:
             import transformers
 
-            auto = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            # local files only, and no code from the folder (trust_remote_code stays False)
+            auto = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                              trust_remote_code=False)
         except Exception as e:  # transformers raises several types for a folder it cannot read
             raise FileNotFoundError(
                 f"{folder} has no tokenizer.json and transformers.AutoTokenizer could not load it: {e}"
@@ -234,3 +251,39 @@ def load_tokenizer(
         ids[s] = v
     return TextTokenizer(backend, ids["bos"], ids["eos"], ids["pad"], ids["unk"],
                          chat_template=_chat_template_from_files(folder))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def folder_tokens(path: str | os.PathLike) -> dict:
+    """What a model folder states about its tokens: {"vocab": {token: id} or None, "pad": id, "eos": id}
+    from its tokenizer files when it has any (`load_tokenizer`), else from its config.json (ids only;
+    None where unstated)."""
+    folder = pathlib.Path(path)
+    if any((folder / n).exists() for n in _TOKENIZER_FILES):
+        tok = load_tokenizer(folder)
+        return {"vocab": tok.backend.get_vocab(with_added_tokens=True), "pad": tok.pad_id, "eos": tok.eos_id}
+    found = _special_from_files(folder)
+    ids = {k: v if isinstance(v, int) else None for k, v in found.items()}
+    return {"vocab": None, "pad": ids.get("pad"), "eos": ids.get("eos")}
+
+
+def check_players_agree(sources: dict[str, dict]) -> None:
+    """Raise InputError when the sources ({"defender.checkpoint=/a": folder_tokens(...), ...}) disagree
+    on the pad or EOS id, or hold different vocabularies (ids that are None, or vocabularies a source
+    does not state, are not compared). The attacker's prompt tokens are the defender's input and one
+    pad / EOS id ends and masks both players' samples, so the players must share one tokenizer."""
+    why = "Both players must use one tokenizer (the attacker's prompts are the defender's input)"
+    for name in ("pad", "eos"):
+        stated = {src: t[name] for src, t in sources.items() if t.get(name) is not None}
+        if len(set(stated.values())) > 1:
+            each = "; ".join(f"{v} in {src}" for src, v in stated.items())
+            raise InputError(f"the players' tokenizers disagree on the {name.upper()} id: {each}. {why}")
+    vocabs = [(src, t["vocab"]) for src, t in sources.items() if t.get("vocab") is not None]
+    for src, v in vocabs[1:]:
+        first, v0 = vocabs[0]
+        if v != v0:
+            differ = len(set(v.items()) ^ set(v0.items()))
+            raise InputError(f"the players' tokenizers differ: {src} and {first} map {differ} token/id "
+                             f"pair(s) differently ({len(v)} vs {len(v0)} tokens). {why}")

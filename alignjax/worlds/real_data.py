@@ -1,20 +1,118 @@
-"""Loader of real seed prompts for the game with real LLMs.
+"""Loaders of real seed prompts for the game with real LLMs.
 
-Format (the GPO authors' `ppo_data/*.json`): a JSON list of items, each a list of strings (a dialogue);
-the last string of an item is the question used as a seed prompt. The path is always an argument
-(the data is not shipped with alignjax).
+Formats: a UTF-8 text file, one question per line (blank lines separate, they are not prompts), or
+(the GPO authors' `ppo_data/*.json`) a JSON list of items, each a list of strings (a dialogue); the
+last string of an item is the question used as a seed prompt. The path is always an argument (the
+data is not shipped with alignjax).
+
+`read_prompt_lines(path, option)` reads either format and rejects what cannot be a prompt set (a
+missing, empty, blank-only or non-UTF-8 file), naming the option, the file and the line; duplicate
+questions are kept and counted (`PromptLines.duplicate_warning`). `check_prompt_lengths` names the
+first question longer than a token limit (the model's context, or the prompt block).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+from typing import NamedTuple
 
 import numpy as np
 
+from alignjax.config import InputError
 
-class SeedDataError(ValueError):
+
+class SeedDataError(InputError):
     pass
+
+
+class PromptLines(NamedTuple):
+    """The questions of a prompt file, in file order, and where each one is."""
+
+    path: pathlib.Path
+    texts: list[str]
+    where: list[str]  # "line 3" (text file) or "item 3" (JSON), 1-based, of each text
+    duplicates: list[tuple[str, str]]  # (where, where its first occurrence is) of each repeated text
+
+    def duplicate_warning(self, option: str) -> str | None:
+        """A one-line warning counting the repeated questions (they are kept: each is a sample), or None."""
+        if not self.duplicates:
+            return None
+        at, first = self.duplicates[0]
+        return (f"{option}={str(self.path)!r}: {len(self.duplicates)} duplicate question(s) of "
+                f"{len(self.texts)} (first: {at} repeats {first}); they are kept and weigh more in D")
+
+
+def _read_utf8(path: pathlib.Path, option: str) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        bad = data[e.start:e.start + 1]
+        raise SeedDataError(f"{option}={str(path)!r}: not UTF-8 text: line {line} (byte {e.start}: "
+                            f"{e.reason} {bad!r}); re-encode the file as UTF-8") from None
+
+
+def read_prompt_lines(path, option: str = "prompts") -> PromptLines:
+    """The questions of a text file (one per line, stripped; blank lines skipped) or of a `.json` file
+    in the authors' format. Raises FileNotFoundError / SeedDataError naming `option`, the file and the
+    line for a missing file, one that is not UTF-8, or one without a single question."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{option}={str(path)!r} {what} (needs a text file, one question per line)")
+    text = _read_utf8(path, option)
+    if path.suffix == ".json":
+        texts = _questions_of_json(text, path)
+        where = [f"item {i + 1}" for i in range(len(texts))]
+    else:
+        lines = text.splitlines()
+        kept = [(i, ln.strip()) for i, ln in enumerate(lines) if ln.strip()]
+        if not kept:
+            why = "is empty" if not text else f"holds only blank lines ({len(lines)} line(s))"
+            raise SeedDataError(f"{option}={str(path)!r} {why}: no questions")
+        texts, where = [t for _, t in kept], [f"line {i + 1}" for i, _ in kept]
+    if not texts:
+        raise SeedDataError(f"{option}={str(path)!r} holds no questions")
+    first: dict[str, str] = {}
+    duplicates = []
+    for t, w in zip(texts, where, strict=True):
+        if t in first:
+            duplicates.append((w, first[t]))
+        else:
+            first[t] = w
+    return PromptLines(path, texts, where, duplicates)
+
+
+def check_prompt_lengths(prompts: PromptLines, encode, limit: int, option: str, why: str) -> None:
+    """Raise SeedDataError naming the first question of `prompts` longer than `limit` tokens
+    (`encode(text) -> ids`), its line and its token count, and how many are too long. `why` says
+    what the limit is."""
+    long = [(w, n) for w, n in zip(prompts.where, map(len, map(encode, prompts.texts)), strict=True)
+            if n > limit]
+    if long:
+        (at, n), count = long[0], len(long)
+        raise SeedDataError(f"{option}={str(prompts.path)!r}: {at} is {n} tokens, over {limit} ({why}); "
+                            f"{count} of {len(prompts.texts)} questions are over it")
+
+
+def _questions_of_json(text: str, path: pathlib.Path) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SeedDataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise SeedDataError(f"{path}: expected a JSON list of lists of strings, got {type(data).__name__}")
+    out = []
+    for i, item in enumerate(data):
+        if not isinstance(item, list) or not item or not all(isinstance(s, str) for s in item):
+            raise SeedDataError(f"{path}: item {i + 1} must be a non-empty list of strings, got {item!r:.80}")
+        q = item[-1].strip()
+        if not q:
+            raise SeedDataError(f"{path}: item {i + 1} has an empty question")
+        out.append(q)
+    return out
 
 
 def load_seed_prompts(
@@ -28,7 +126,7 @@ def load_seed_prompts(
     if not path.exists():
         raise FileNotFoundError(f"seed prompt file {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_utf8(path, "seed prompt file"))
     except json.JSONDecodeError as e:
         raise SeedDataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
