@@ -51,6 +51,28 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+# Dense bf16 peak FLOP/s per device (vendor datasheets), keyed by a substring of jax's device_kind. MFU is
+# stated against it, the usual convention, whatever dtype the benchmark computes in.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+                   "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
+
+
+def model_flops(config: LMConfig, tokens: int) -> float:
+    """Model FLOPs of one PPO update (the 2N-per-token-forward rule, N = the weights a token multiplies,
+    i.e. all but the input embedding; attention's score products left out): experience = policy,
+    reference and critic forwards (3 x 2N); optimisation = policy and critic forward + backward (2 x 6N).
+    The critic's N is the policy's less lm_head plus a 1-wide head: counted as the policy's (an upper
+    bound by V*d/N, 20% at the 134M bench)."""
+    embed = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size  # a lookup, no FLOPs
+    n = config.num_params - embed
+    return (3 * 2 + 2 * 6) * n * tokens
+
+
+def peak_flops(device) -> float | None:
+    kind = device.device_kind
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
+
+
 def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
     """The PyTorch reference: returns (experience time, full update time, first-update losses)."""
     import torch
@@ -229,6 +251,12 @@ def main():
     for name, ours, theirs in rows:
         print(f"{name:32s}{ours:9.3f}s{theirs:9.3f}s{theirs / ours:13.2f}x")
     print(f"compile (ours, once per shape): {t_compile:.1f}s (first call, includes one update)")
+    flops = model_flops(config, b * (p + n))
+    peak = peak_flops(jax.devices()[0])
+    mfu = f"MFU {flops / t_upd / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else \
+        f"MFU n/a (no peak FLOP/s on record for {jax.devices()[0].device_kind!r})"
+    print(f"PPO update: {flops / 1e12:.2f} model TFLOP in {t_upd:.3f}s = {flops / t_upd / 1e9:.1f} GFLOP/s "
+          f"(ours; pytorch {flops / t_upd_pt / 1e9:.1f}); {mfu}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@
 # 2. alignjax.backend.describe() printed; fails unless JAX's backend is "gpu".
 # 3. The device-independent tests (pure kernels, sampler vs HF, statistics, theory, history) on the GPU:
 #    JAX_PLATFORMS=cuda set explicitly, which wins over the CPU default tests/conftest.py only setdefault()s.
-# 4. `make experiment ARGS="loop.total_steps=20"` (one chunk of the default run) and `make bench`.
+# 4. tools/compare_backends.py: the default experiment's initial evaluation, the same SFT'd players on
+#    the CPU and on the GPU in one process (float32), must agree within 1e-4 on every exact metric.
+# 5. `make experiment ARGS="loop.total_steps=20"` (one chunk of the default run) and `make bench`
+#    (bench_ppo prints the PPO update's model FLOP/s and MFU against the device's bf16 peak).
 # Prints a PASS/FAIL line per step and exits non-zero if any failed (steps 1-2 failing stop the script).
 #
 # NOT RUN YET: written on a CPU-only machine; nothing here has been executed on a real GPU.
@@ -68,6 +71,7 @@ for t in "${TESTS[@]}"; do
 done
 step tests env JAX_PLATFORMS=cuda .venv/bin/python -m pytest -q "${EXISTING[@]}"
 
+step compare env JAX_PLATFORMS=cuda,cpu .venv/bin/python tools/compare_backends.py
 step experiment make experiment ARGS="loop.total_steps=20"
 step bench make bench
 
