@@ -73,6 +73,15 @@ def unsupported_options(cfg, default_cfg, unsupported: tuple[str, ...], setting:
                           "setting; remove them from the config")
 
 
+def _exists(path: str) -> bool:
+    from alignjax.worlds.real_data import package_path  # `package:<pkg>/<file>` paths
+
+    try:
+        return pathlib.Path(package_path(path)).expanduser().exists()
+    except FileNotFoundError:
+        return False
+
+
 def check_paths(needs: list[tuple[str, str, str, bool]]) -> None:
     """Fail before any heavy work when a path the config needs is missing.
 
@@ -82,7 +91,7 @@ def check_paths(needs: list[tuple[str, str, str, bool]]) -> None:
         if not path:
             if required:
                 missing.append(f"{name} is empty (needs {what})")
-        elif not pathlib.Path(path).expanduser().exists():
+        elif not _exists(path):
             missing.append(f"{name}={path!r} does not exist ({what})")
     if missing:
         raise FileNotFoundError("missing inputs for this experiment:\n  - " + "\n  - ".join(missing))

