@@ -30,7 +30,7 @@ def _flat(tree, prefix=""):
     if isinstance(tree, dict):
         for k, v in tree.items():
             yield from _flat(v, f"{prefix}{k}/")
-    elif isinstance(tree, (int, float, np.floating, np.integer)) or (hasattr(tree, "shape") and tree.shape == ()):
+    elif isinstance(tree, (int, float, np.floating, np.integer)) or getattr(tree, "shape", None) == ():
         yield prefix[:-1], float(tree)
 
 
@@ -40,8 +40,9 @@ def evaluate_on(device, setting, built, cfg):
 
     on = lambda tree: jax.device_put(tree, device)  # noqa: E731
     with jax.default_device(device):
-        return setting.evaluate(dataclasses.replace(built, consts=on(built.consts)), on(built.state.defender_ref),
-                                on(built.state.attacker_ref), on(keys.eval_key(cfg.eval.seed)), cfg)
+        return setting.evaluate(dataclasses.replace(built, consts=on(built.consts)),
+                                on(built.state.defender_ref), on(built.state.attacker_ref),
+                                on(keys.eval_key(cfg.eval.seed)), cfg)
 
 
 def main(argv=None) -> int:
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
             worst = max(worst, d if not math.isnan(d) else math.inf)
         print(f"| {k} | {x:.6g} | {y:.6g} | {d:.2e} | {'yes' if exact else 'no (sampled)'} |")
     ok = worst <= args.atol
-    print(f"largest difference of an exact metric: {worst:.2e} (atol {args.atol:g}): {'PASS' if ok else 'FAIL'}")
+    verdict = "PASS" if ok else "FAIL"
+    print(f"largest difference of an exact metric: {worst:.2e} (atol {args.atol:g}): {verdict}")
     return 0 if ok else 1
 
 
