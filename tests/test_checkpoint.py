@@ -138,9 +138,12 @@ def test_no_good_checkpoint_names_every_step_and_its_reason(tmp_path):
     store.save(2, _random_tree(2))
     _flip_inside_w(tmp_path, 1)
     pathlib.Path(tmp_path, "2", "metadata", "metadata").unlink()
-    with pytest.warns(UserWarning, match="no older step is left"), \
+    with pytest.warns(UserWarning) as caught, \
             pytest.raises(RuntimeError, match=r"step 2: FileNotFoundError.*; step 1: ChecksumError"):
         CheckpointStore(tmp_path).restore(_random_tree(0))
+    said = [str(w.message) for w in caught]
+    assert any("step 2" in m and "falling back to step 1" in m for m in said)
+    assert any("step 1" in m and "no older step is left" in m for m in said)
 
 
 def test_step_metadata_file_is_not_needed_when_the_data_checks_out(tmp_path):
