@@ -57,6 +57,7 @@ import numpy as np
 from alignjax.models import heads, hf_io, llama
 from alignjax.models.config import LMConfig
 from alignjax.rewards.judge import JudgeOutput
+from alignjax.text.templates import _without_head, _without_tail  # id prefix / suffix helpers, shared
 
 # Llama Guard (v1) prompt with its six category names; the policy text under each category is omitted
 # here: give your checkpoint's exact policy for real use (the judge was trained on it) as a template
@@ -191,14 +192,6 @@ def answer_token_ids(tokenizer, safe: str, unsafe: str, option: str | None = Non
 # ------------------------------------------------------------------------------------ templates
 
 
-def _without_tail(whole: Sequence[int], tail: Sequence[int]) -> tuple[int, ...] | None:
-    n = len(whole) - len(tail)
-    return tuple(whole[:n]) if n >= 0 and list(whole[n:]) == list(tail) else None
-
-
-def _without_head(whole: Sequence[int], head: Sequence[int]) -> tuple[int, ...] | None:
-    n = len(head)
-    return tuple(whole[n:]) if len(whole) >= n and list(whole[:n]) == list(head) else None
 
 
 def _trailing_space(text: str) -> str:
