@@ -35,6 +35,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from alignjax import sampling  # noqa: E402
+
+try:
+    from benchmarks import summary  # noqa: E402
+except ImportError:  # run as a script, python benchmarks/<this file>
+    import summary  # noqa: E402
 from alignjax.models import LMConfig, init_params, llama, save_pretrained  # noqa: E402
 from alignjax.sampling import SamplingConfig, sample  # noqa: E402
 
@@ -250,6 +255,9 @@ def main():
     )
     if t_hf is not None:
         print(f"speed-up ours / HF       : {t_hf / t_ours:7.2f} x   (target >= 2)")
+        summary.record("generate_hf_tok_s", round(tok / t_hf, 2))
+        summary.record("generate_speedup_vs_hf", round(t_hf / t_ours, 3))
+    summary.record("generate_tok_s", round(tok / t_ours, 2))
     print(f"memory copy bandwidth    : {bw / 1e9:7.1f} GB/s (np.copyto, read + write)")
     print(
         f"bytes per decode step    : {weight_bytes / 1e6:.0f} MB weights + "
@@ -260,6 +268,9 @@ def main():
         f"{step_ours / step_floor:.2f} x the floor (target <= 2); "
         f"prefill + first token {t_prefill * 1e3:.0f} ms"
     )
+    summary.record("decode_step_over_floor", round(step_ours / step_floor, 3))
+    summary.record("decode_step_ms", round(step_ours * 1e3, 2))
+    summary.record("decode_floor_ms", round(step_floor * 1e3, 2))
 
     ms = lambda s: f"{s * 1e3:7.1f} ms"
     rest = step_ours - parts["layers"] - parts["lm_head"] - parts["sampling"]

@@ -26,6 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:
+    from benchmarks import summary  # noqa: E402
+except ImportError:  # run as a script, python benchmarks/<this file>
+    import summary  # noqa: E402
+
 from alignjax.models import LMConfig, init_critic, init_params, save_pretrained
 from alignjax.rl import (
     LlamaPlayerModels,
@@ -251,6 +256,9 @@ def main():
     for name, ours, theirs in rows:
         print(f"{name:32s}{ours:9.3f}s{theirs:9.3f}s{theirs / ours:13.2f}x")
     print(f"compile (ours, once per shape): {t_compile:.1f}s (first call, includes one update)")
+    summary.record("ppo_update_s", round(t_upd, 3))
+    summary.record("ppo_update_torch_s", round(t_upd_pt, 3))
+    summary.record("ppo_speedup_vs_torch", round(t_upd_pt / t_upd, 3))
     flops = model_flops(config, b * (p + n))
     peak = peak_flops(jax.devices()[0])
     mfu = f"MFU {flops / t_upd / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else \

@@ -23,6 +23,11 @@ from functools import partial
 
 import numpy as np
 
+try:
+    from benchmarks import summary  # noqa: E402
+except ImportError:  # run as a script, python benchmarks/<this file>
+    import summary  # noqa: E402
+
 DATA = pathlib.Path(os.environ.get("ALIGNJAX_SEED_PROMPTS", "/work/shared/data/gpo_seed_prompts_valid.json"))
 ORDERS = (2, 3, 4, 5)
 WEIGHTS = {str(n): (1.0 / n,) * n for n in ORDERS}
@@ -129,6 +134,10 @@ def main() -> None:
             ref = f"{ref_at[fill]:13.3f}" if fill in ref_at else f"{'-':>13}"
             ratio = f"{ref_at[fill] / ours_at[fill]:6.1f}x" if fill in ref_at else "     -"
             print(f"{fill:12d} | {ours_at[fill]:9.4f} | {ref} | {ratio}")
+        summary.record(f"selfbleu_{form}_max_abs_err", err)
+        if form == "per_reference":  # the authors' approach: the headline figure
+            summary.record("selfbleu_speedup", round(ref_at[capacity] / ours_at[capacity], 2))
+            summary.record("selfbleu_capacity", capacity)
 
 
 if __name__ == "__main__":
