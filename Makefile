@@ -46,6 +46,9 @@ test: $(STAMP)
 experiment: $(STAMP)
 	$(BIN)/python -m alignjax.cli $(NAME) $(ARGS)
 
+# Every benchmark prints ours vs its reference (same process) and the load average; the run ends by writing
+# runs/bench/<stamp>/bench.json (docs/benchmarks.md). README block: python tools/readme_bench.py <that file>.
+# ALIGNJAX_BENCH_SMALL=1 for smoke sizes.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
