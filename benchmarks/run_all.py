@@ -25,21 +25,29 @@ if __name__ == "__main__":
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = pathlib.Path(os.environ.get("ALIGNJAX_BENCH_OUT") or pathlib.Path("runs") / "bench" / stamp)
     ran, failed = [], []
+
+    def write_summary():  # after every benchmark, so that an interrupted run still leaves what ran
+        done = dict(machine, load_average_end=list(os.getloadavg()), date=stamp,
+                    small=bool(os.environ.get("ALIGNJAX_BENCH_SMALL")))
+        if failed:
+            done["failed"] = list(failed)
+        return summary.write(out / "bench.json", done, ran)
+
     for path in sorted(pathlib.Path(__file__).parent.glob("bench_*.py")):
         if only and path.stem not in only:
             continue
-        print(f"\n=== {path.stem} ===", flush=True)
+        print(f"\n=== {path.stem} === (load average {os.getloadavg()[0]:.2f})", flush=True)
         try:
             runpy.run_path(str(path), run_name="__main__")
             ran.append(path.stem)
-        except (Exception, SystemExit):  # record what ran; the others still run
+        except SystemExit as e:  # sys.exit(main()): 0 / None is success
+            (failed if e.code not in (0, None) else ran).append(path.stem)
+            if e.code not in (0, None):
+                print(f"{path.stem} exited with {e.code!r}", flush=True)
+        except Exception:  # record what ran; the others still run
             traceback.print_exc()
             failed.append(path.stem)
-    machine["load_average_end"] = list(os.getloadavg())
-    machine["small"] = bool(os.environ.get("ALIGNJAX_BENCH_SMALL"))
-    machine["date"] = stamp
-    if failed:
-        machine["failed"] = failed
-    written = summary.write(out / "bench.json", machine, ran)
-    print(f"\nwrote {written}", flush=True)
+        write_summary()
+    written = write_summary()
+    print(f"\nwrote {written}; load average at the end {os.getloadavg()[0]:.2f}", flush=True)
     sys.exit(1 if failed else 0)
