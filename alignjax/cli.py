@@ -149,10 +149,14 @@ def main(argv=None) -> int:
     if primary:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg) + _environment_comment())
     print(f"[alignjax] experiment {name} -> {run_dir}")
+    from alignjax.checkpoint import CheckpointWriteError  # imported here: they bring in JAX and Orbax
+    from alignjax.game.loop import RunFolderError
     try:
         module.run(cfg, run_dir)
     except (InputError, CheckpointError) as e:  # found while loading (e.g. a NaN weight): the run folder
         return _reject(e)  # holds config.yaml only (a missing file mid-run keeps its traceback)
+    except (RunFolderError, CheckpointWriteError) as e:  # an unwritable run folder, a full disk: the
+        return _reject(e)  # message names the path and what to do; a traceback would add nothing
     return 0
 
 

@@ -234,6 +234,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
     t = {"start": time.perf_counter()}
+    rss_before_build = report.rss_bytes()
     setting, built, play_step, layout = _build(cfg, progress)
     t["built"] = time.perf_counter()
     environment["layout"] = layout.describe()
@@ -242,14 +243,29 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     members = DefenderMembers(setting, built, cfg, run_dir)
 
     def on_chunk_end(step, state):
-        members.observe(step, state)
-        return setting.progress(built, state, cfg) if evaluation_due(step, cfg) else None
+        # `state` views the device buffers the next chunk donates: nothing may keep it after this call
+        members.built = now = dataclasses.replace(built, state=state)  # the evaluations' state template
+        try:
+            members.observe(step, state)
+            return setting.progress(now, state, cfg) if evaluation_due(step, cfg) else None
+        finally:
+            members.built = built
 
-    final_state = run_loop(play_step, built.state, cfg.loop, run_dir, _metadata(cfg),
+    # The loop owns the state from here: `built` keeps no reference to the step-0 state, so once the
+    # loop has placed it on the devices, the host copy is freed (one copy of the state, not two). The
+    # evaluations take the current state as their template (they replace the policies they measure;
+    # the reference policies never change).
+    owned = [built.state]
+    state_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(built.state))
+    built = dataclasses.replace(built, state=None)
+    members.built = built
+    final_state = run_loop(play_step, owned.pop(), cfg.loop, run_dir, _metadata(cfg),
                            on_chunk_end=on_chunk_end, consts=built.consts, desc=run_dir.parent.name or "game",
                            layout=layout)
     t["game"] = time.perf_counter()
-    return _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment)
+    built = dataclasses.replace(built, state=final_state)
+    memory = report.memory_report(rss_before_build, state_bytes)
+    return _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment, memory=memory)
 
 
 def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = True) -> list[dict]:
@@ -348,7 +364,7 @@ def where_it_runs(cfg: Config) -> dict:
 
 
 def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, environment: dict,
-            vmapped: int = 0) -> dict:
+            vmapped: int = 0, memory: dict | None = None) -> dict:
     """Final evaluation, the averaged defender, history, export, plots, results.json / results.md."""
     eval_key = keys.eval_key(cfg.eval.seed)
     tqdm.write("[alignjax] evaluating the final players")
@@ -376,6 +392,8 @@ def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, envi
         "total": t["end"] - t["start"],
     }
     results["run"] = {"seed": cfg.seed, "vmapped_seeds": vmapped}
+    if memory is not None:  # peak resident memory up to the end of the game against the state's bytes
+        results["memory"] = memory
     results["environment"] = environment
     markdown = setting.report(run_dir.parent.name, cfg, results) + report.notes_markdown(results)
     path = report.write_results(run_dir, results, markdown)
@@ -446,11 +464,13 @@ def resume_dir(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def check_resume_folder(cfg: Config) -> pathlib.Path:
-    """`cfg.resume` as a folder, checked to hold checkpoints and a config.yaml of the same config."""
+    """`cfg.resume` as a folder, checked to hold a config.yaml of the same config. A run killed before
+    its first save (no checkpoints/ yet) is resumed from step 0 in the same folder, with a message."""
     old = pathlib.Path(cfg.resume)
-    if not (old / "checkpoints").is_dir():
-        raise FileNotFoundError(f"resume={cfg.resume!r}: {old / 'checkpoints'} does not exist")
     check_resume_config(cfg, old)
+    if not (old / "checkpoints").is_dir():
+        tqdm.write(f"[alignjax] resume={cfg.resume!r}: {old / 'checkpoints'} does not exist (the run stopped "
+                   "before its first save); starting from step 0")
     return old
 
 

@@ -35,6 +35,30 @@ def history_summary(cfg, final_state) -> dict:
             "kept": int(np.asarray(final_state.history.count))}
 
 
+def rss_bytes(field: str = "VmRSS") -> int | None:
+    """This process's resident memory from /proc/self/status (`VmRSS` now, `VmHWM` its peak so far), in
+    bytes; None where /proc is not there (macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def memory_report(rss_before_build: int | None, state_bytes: int) -> dict:
+    """Peak resident memory of this process against the game state's bytes (results.json's `memory`):
+    the absolute peak, the peak above the RSS measured before anything was built (the runtime's and
+    the libraries' own memory left out), and that excess as a multiple of the state."""
+    peak = rss_bytes("VmHWM")
+    out = {"state_bytes": int(state_bytes), "peak_rss_bytes": peak, "rss_before_build_bytes": rss_before_build}
+    if peak is not None and rss_before_build is not None and state_bytes > 0:
+        out["peak_over_baseline_per_state"] = (peak - rss_before_build) / state_bytes
+    return out
+
+
 def notes_markdown(results: dict) -> str:
     """Run-level facts under every setting's tables: the history's capacity, the data notes."""
     lines = ["", "## Run notes", ""]
@@ -45,6 +69,16 @@ def notes_markdown(results: dict) -> str:
                      f"{h['prompts_seen']} ({full})")
     for k, v in results.get("data", {}).items():
         lines.append(f"- {k}: {v}")
+    m = results.get("memory")
+    if m and m.get("peak_rss_bytes") is not None:
+        gib = 2.0**30
+        line = (f"- memory: game state {m['state_bytes'] / gib:.3f} GiB; peak resident memory "
+                f"{m['peak_rss_bytes'] / gib:.3f} GiB")
+        if "peak_over_baseline_per_state" in m:
+            line += (f", {(m['peak_rss_bytes'] - m['rss_before_build_bytes']) / gib:.3f} GiB above the "
+                     f"{m['rss_before_build_bytes'] / gib:.3f} GiB before the build "
+                     f"({m['peak_over_baseline_per_state']:.2f}x the state)")
+        lines.append(line)
     return "\n".join(lines) + "\n" if len(lines) > 3 else ""
 
 

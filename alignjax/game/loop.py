@@ -15,8 +15,10 @@ counter, so a resumed run draws exactly the keys an uninterrupted run draws.
 Two layouts (alignjax.parallel; `layout` argument, default pmap over all local devices):
 
 - pmap: the chunk is `jax.pmap`-ed over DATA; the step function was built with axis_name "data"
-  (it reduces with collectives); every device holds the whole state; the loop saves replica 0 and
-  feeds each chunk from the host.
+  (it reduces with collectives); every device holds the whole state. The state is placed on the
+  devices once (`replicate_on_devices`, leaf by leaf) and stays there: each chunk donates its input
+  buffers to its outputs, only the metrics are fetched, and the evaluation hook and Orbax read replica 0
+  through host views of the device buffers (`first_replica`: no copy on the CPU).
 - mesh: the chunk is one `jax.jit` whose state is sharded by `parallel.rules` (constrained at entry and
   exit, so every chunk compiles once and keeps the layout); the step function was built with
   axis_name None. The state stays on the devices between chunks (its buffers are donated to the next
@@ -112,7 +114,35 @@ def pmapped_chunk(step_fn: Callable, length: int, devices: tuple,
     (a resumed run, tests) reuse one compilation. `seed_axis_of`: the state's NamedTuple type when the
     state (but `step`) and the consts carry a leading seed axis; the chunk is then vmapped over it."""
     chunk = _seed_vmapped(make_chunk_fn(step_fn, length), seed_axis_of)
-    return jax.pmap(chunk, axis_name=parallel.DATA, devices=list(devices), in_axes=(0, None))
+    return jax.pmap(chunk, axis_name=parallel.DATA, devices=list(devices), in_axes=(0, None),
+                    donate_argnums=0)
+
+
+def pmap_sharding(devices: tuple) -> jax.sharding.NamedSharding:
+    """The sharding pmap gives its outputs ([n_devices, ...], one replica per device). The initial state
+    is placed with it, so the first chunk and the ones fed the previous chunk's outputs share one
+    compilation (pmap keys its cache on the inputs' shardings)."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.DATA,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
+
+
+def replicate_on_devices(tree, devices: tuple):
+    """Host (or device) leaves -> pmap-replicated device arrays [n, ...], one leaf at a time: each
+    device gets its copy straight from the host leaf (a broadcast view, never a stacked host copy)."""
+    sharding = pmap_sharding(devices)
+    n = len(devices)
+    def one(x):
+        x = np.asarray(x)
+        return jax.device_put(x[None] if n == 1 else np.broadcast_to(x, (n, *x.shape)), sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def first_replica(tree):
+    """Replica 0 of a pmap-replicated device tree as host NumPy, leaf by leaf. On the CPU these are
+    views of the device buffers (no copy); drop them before the next chunk, which donates the buffers
+    (a live view makes XLA copy instead of reusing them)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
 @functools.lru_cache(maxsize=16)
@@ -326,6 +356,9 @@ def run_loop(
             consts = parallel.place(consts, parallel.state_shardings(consts, layout.mesh))
         bar = tqdm(total=cfg.total_steps, initial=start, desc=desc, unit="step", dynamic_ncols=True,
                    disable=not primary)
+        init_state = None  # the caller may hand over its only reference: the host copy is then freed
+        if not layout.is_mesh:  # the one device copy
+            state = replicate_on_devices(state, layout.devices)
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
@@ -336,16 +369,20 @@ def run_loop(
             _log(logs, [[r | {"time/step_s": seconds / length} for r in records] for records in per_seed],
                  start, store, flush=False)
             _stop_on_nonfinite([r for records in per_seed for r in records], store)
+            # pmap: replica 0 as host views of the device buffers (no copy on the CPU), for the
+            # evaluation and the save; dropped before the next chunk donates those buffers
+            seen = state if layout.is_mesh else first_replica(state)
             with faults.phase("eval", start):
-                extra = on_chunk_end(start, state) if on_chunk_end is not None else None
+                extra = on_chunk_end(start, seen) if on_chunk_end is not None else None
             extras = extra if seed_dirs is not None else [extra]
             extras = [[{"step": start - 1} | ex] if ex else [] for ex in extras or [None] * len(logs)]
             for ex in extras:
                 _stop_on_nonfinite(ex, store)
             _log(logs, extras, start, store, flush=True)
             if before_save is not None:
-                before_save(start, state)
-            store.save(start, state, metadata)
+                before_save(start, seen)
+            store.save(start, seen, metadata)
+            del seen
             bar.update(length)
             last = per_seed[0][-1]
             bar.set_postfix({k: f"{float(last[k]):.3g}" for k in _postfix_keys(last)})
@@ -359,7 +396,7 @@ def run_loop(
             store.close()
         except Exception as e:  # noqa: BLE001
             tqdm.write(f"[alignjax] closing the checkpoint store failed: {e}")
-    return state
+    return state if layout.is_mesh else first_replica(state)
 
 
 def check_writable(folder: pathlib.Path) -> None:
@@ -397,7 +434,9 @@ def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None
     or the initial state (host NumPy; with `shardings`, restored sharded onto the mesh, whatever the
     layout that saved it). A checkpoint whose metadata holds another config `fingerprint` than this
     run's is never restored: that is an error naming both."""
-    init_state = parallel.to_host(init_state)
+    # NumPy leaves are kept as they are (no host copy of the state); device leaves are fetched
+    init_state = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else np.array(jax.device_get(x)),
+                              init_state)
     # The fingerprint is checked from each step's metadata before its arrays are read (a checkpoint
     # of another config may not even fit the target): CheckpointMismatchError, never a fallback.
     restored = store.restore(init_state, shardings=shardings, fingerprint=fingerprint)
@@ -418,23 +457,22 @@ def _restore_or_init(store: CheckpointStore, init_state, fingerprint: str | None
 def _run_chunk(step_fn, state, consts, length: int, layout: parallel.Layout, check_replicas: bool,
                seed_axis_of: type | None = None):
     """One chunk: (new state, [per seed: the steps' selected metric records]); one seed unless
-    `seed_axis_of` (the state type of a seed-stacked state). pmap: from and to a host state; mesh:
-    device state in (donated), device state out."""
+    `seed_axis_of` (the state type of a seed-stacked state). Device state in (its buffers donated),
+    device state out: pmap-replicated [n, ...] or sharded on the mesh."""
     if layout.is_mesh:
         with jax.set_mesh(layout.mesh):
             state, metrics = mesh_chunk(step_fn, length, layout, seed_axis_of)(state, consts)
         metrics = parallel.fetch(metrics)
     else:
-        # The chunk always starts from host arrays: pmap (now built on jit) keys its compilation
-        # cache on input shardings, so feeding back its own device outputs would compile the
-        # chunk a second time; the state is fetched to the host after every chunk anyway (save).
+        # The replicated state stays on the devices between chunks and its buffers are donated to the
+        # next chunk (placed with `pmap_sharding`, so every chunk shares one compilation); only the
+        # metrics come to the host.
         chunk = pmapped_chunk(step_fn, length, layout.devices, seed_axis_of)
-        state_r, metrics = chunk(parallel.replicate_host(state, len(layout.devices)), consts)
-        if check_replicas and not all_equal_across_devices(state_r):
+        state, metrics = chunk(state, consts)
+        if check_replicas and not all_equal_across_devices(state):
             raise RuntimeError(f"game state diverged across devices in the chunk ending at step "
-                               f"{int(np.asarray(state_r.step)[0])}")
+                               f"{int(np.asarray(state.step.addressable_shards[0].data)[0])}")
         metrics = jax.tree.map(lambda m: np.asarray(m[0]), metrics)  # pmean'd: device 0 speaks for all
-        state = parallel.to_host(parallel.unreplicate(state_r))
     per_seed = [metrics] if seed_axis_of is None else [
         {k: v[i] for k, v in metrics.items()} for i in range(len(next(iter(metrics.values()))))]
     records = [[game_metrics.select({k: v[t] for k, v in m.items()}) for t in range(length)]
