@@ -116,6 +116,7 @@ def phases(spec, state, consts):
         experience_att=experience_of(att, cfg.attacker_ppo),
         update_def=jax.jit(make_ppo_update(dfd, cfg.defender_ppo, None)),
         update_att=jax.jit(make_ppo_update(att, cfg.attacker_ppo, None)),
+        one_step=jax.jit(loop.make_chunk_fn(gs.make_play_step(spec), 1)),  # the parity reference
     )
 
 
@@ -144,7 +145,7 @@ def profile_stage(spec, consts, f, name: str, st, t: dict) -> float:
     t[f"update_{name}"] = median_time(lambda: f[upd_fn](player, ref, rollout, k), REPEATS)
     new_player, _ = f[upd_fn](player, ref, rollout, k)
     # parity: one scanned step from the same state must give the same new parameters
-    one = jax.jit(loop.make_chunk_fn(gs.make_play_step(spec), 1))(st, consts)[0]
+    one = f["one_step"](st, consts)[0]
     ours = one.defender if name == "defend" else one.attacker
     a, b = jax.tree.leaves(new_player.policy_params), jax.tree.leaves(ours.policy_params)
     return max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-12))
