@@ -68,6 +68,7 @@ def test_readme_block_from_fixture(tmp_path):
     assert "Other jobs were running" in text  # 2.5 > 1.5
     assert "Smoke sizes" in text
     assert "| PPO update, s | 10.00 | 15.00 (PyTorch) | 1.50x PyTorch |" in text
+    assert "not measuredx" not in text
     assert "| generation, tokens/s | not measured | not measured (HF `generate`) | not measured" in text
     assert "| game steps/s (`default`, host included) | 0.25 | | host share 25% |" in text
     assert "Figures on another processor differ" in text and "2.43x" in text and "1.54x" in text

@@ -38,6 +38,10 @@ def _fmt(x, spec: str) -> str:
     return "not measured" if x is None else format(x, spec)
 
 
+def _ratio(x, what: str) -> str:
+    return "not measured" if x is None else f"{x:.2f}x {what}".rstrip()
+
+
 def render(bench: dict) -> str:
     """The README's benchmark block (markdown, ending with a newline) for one bench.json."""
     m, f = bench["machine"], bench["figures"]
@@ -46,8 +50,10 @@ def render(bench: dict) -> str:
             "quiet machine's." if load > BUSY else "")
     small = " Smoke sizes (`ALIGNJAX_BENCH_SMALL=1`)." if m.get("small") else ""
     failed = f" Failed: {', '.join(m['failed'])}." if m.get("failed") else ""
+    cap = f" of {f['selfbleu_capacity']}" if f.get("selfbleu_capacity") else ""
     lines = [
-        f"Measured by `make bench` ({', '.join(bench['ran']) or 'nothing'}) on a {m['processor']} "
+        f"Measured by `make bench` ({', '.join(bench['ran']) or 'nothing'}) "
+        f"on the processor {m['processor']} "
         f"({m['cores']} cores), {m.get('date', '?')}, jax {m['jax_version']} on {m['backend']}; load "
         f"average {load:.2f} at the start.{busy}{small}{failed} Every reference ran in the same process, "
         "on the same weights or inputs.",
@@ -56,15 +62,15 @@ def render(bench: dict) -> str:
         "|---|---|---|---|",
         f"| generation, tokens/s | {_fmt(f.get('generate_tok_s'), '.1f')} | "
         f"{_fmt(f.get('generate_hf_tok_s'), '.1f')} (HF `generate`) | "
-        f"{_fmt(f.get('generate_speedup_vs_hf'), '.2f')}x HF |",
+        f"{_ratio(f.get('generate_speedup_vs_hf'), 'HF')} |",
         f"| decode step, ms | {_fmt(f.get('decode_step_ms'), '.1f')} | "
         f"{_fmt(f.get('decode_floor_ms'), '.1f')} (memory floor) | "
-        f"{_fmt(f.get('decode_step_over_floor'), '.2f')}x the floor |",
+        f"{_ratio(f.get('decode_step_over_floor'), 'the floor')} |",
         f"| PPO update, s | {_fmt(f.get('ppo_update_s'), '.2f')} | "
         f"{_fmt(f.get('ppo_update_torch_s'), '.2f')} (PyTorch) | "
-        f"{_fmt(f.get('ppo_speedup_vs_torch'), '.2f')}x PyTorch |",
-        f"| Self-BLEU novelty, full history | | fast_bleu, the authors' approach | "
-        f"{_fmt(f.get('selfbleu_speedup'), '.1f')}x |",
+        f"{_ratio(f.get('ppo_speedup_vs_torch'), 'PyTorch')} |",
+        f"| Self-BLEU novelty, full history{cap} | | fast_bleu, the authors' approach | "
+        f"{_ratio(f.get('selfbleu_speedup'), '')} |",
         f"| game steps/s (`{f.get('game_experiment', 'default')}`, host included) | "
         f"{_fmt(f.get('game_steps_per_s'), '.2f')} | | host share "
         f"{_fmt(None if f.get('game_host_share') is None else 100 * f['game_host_share'], '.0f')}"
