@@ -53,7 +53,8 @@ def memory_report(rss_before_build: int | None, state_bytes: int) -> dict:
     the absolute peak, the peak above the RSS measured before anything was built (the runtime's and
     the libraries' own memory left out), and that excess as a multiple of the state."""
     peak = rss_bytes("VmHWM")
-    out = {"state_bytes": int(state_bytes), "peak_rss_bytes": peak, "rss_before_build_bytes": rss_before_build}
+    out = {"state_bytes": int(state_bytes), "peak_rss_bytes": peak,
+           "rss_before_build_bytes": rss_before_build}
     if peak is not None and rss_before_build is not None and state_bytes > 0:
         out["peak_over_baseline_per_state"] = (peak - rss_before_build) / state_bytes
     return out
