@@ -8,7 +8,8 @@ are initialisers of its config.json's shapes under `jax.eval_shape`, so a config
 and no safetensors file is read; the synthetic world is built for real, it is small) and its state and
 consts become ShapeDtypeStructs carrying the layout's shardings (`parallel.state_shardings`, for the
 consts too, as `run_loop` places them: an LM judge is split like a policy). The loop's own chunk
-(`game.loop.mesh_chunk` of `game.step.make_play_step`) is lowered on the layout's mesh and compiled, nothing runs. Per device:
+(`game.loop.mesh_chunk` of `game.step.make_play_step`) is lowered on the layout's mesh and compiled,
+nothing runs. Per device:
 
     parameters   the trained policies and critics                    (parallel.bytes_per_device)
     optimizer    their AdamW states (two moments each, + counters)
