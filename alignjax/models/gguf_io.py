@@ -86,8 +86,11 @@ def _import_gguf():
 def gguf_file_of(path: str | os.PathLike) -> pathlib.Path | None:
     """The GGUF file `path` names: itself if it is a `.gguf` file, the one `.gguf` of a folder without
     safetensors, else None (an HF folder: `hf_io` reads it). Several `.gguf` files in a folder without
-    safetensors raise, since which one is meant cannot be told."""
-    p = pathlib.Path(path)
+    safetensors raise, since which one is meant cannot be told. `package:<pkg>/<file>` names a file
+    shipped in an installed package (`worlds.real_data.package_path`)."""
+    from alignjax.worlds.real_data import package_path
+
+    p = pathlib.Path(package_path(path))
     if p.suffix.lower() == ".gguf" and not p.is_dir():
         return p  # load_gguf says so if it does not exist
     if not p.is_dir():

