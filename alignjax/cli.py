@@ -137,6 +137,10 @@ def main(argv=None) -> int:
     except INPUT_ERRORS as e:
         return _reject(e)
     primary = _start_processes(cfg)
+    from alignjax import backend  # here: it brings in JAX
+    from alignjax.worlds.players import default_cache_dir
+
+    backend.use_compilation_cache(default_cache_dir() / "xla")
     if hasattr(module, "resolve"):  # this machine's defaults, made explicit in config.yaml
         cfg = module.resolve(cfg)
     try:
