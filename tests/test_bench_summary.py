@@ -92,3 +92,16 @@ def test_committed_readme_block_matches_committed_bench_json():
         return
     block = _tool().render(json.loads(bench.read_text()))
     assert f"<!-- bench:begin -->\n{block}<!-- bench:end -->" in readme
+
+
+def test_merge_of_partial_runs():
+    second = {"machine": dict(FIXTURE["machine"], load_average=[4.0, 3.0, 2.0], date="20261203-070000",
+                              small=False),
+              "ran": ["bench_selfbleu"], "figures": {"selfbleu_speedup": 100.0, "game_steps_per_s": 0.5}}
+    merged = _tool().merge([FIXTURE, second])
+    assert merged["ran"] == ["bench_game", "bench_ppo", "bench_selfbleu"]
+    assert merged["machine"]["load_average"] == [4.0, 3.0, 2.0]  # the higher load at a start
+    assert merged["machine"]["date"] == "20261203-060000, 20261203-070000"
+    assert merged["machine"]["small"] is True
+    assert merged["figures"]["game_steps_per_s"] == 0.5 and merged["figures"]["ppo_update_s"] == 10.0
+    assert merged["figures"]["selfbleu_speedup"] == 100.0

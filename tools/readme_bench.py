@@ -1,8 +1,8 @@
 """Put `make bench`'s figures into the README: rendered from a bench.json, never typed in.
 
-    python tools/readme_bench.py runs/bench/<stamp>/bench.json
+    python tools/readme_bench.py runs/bench/<stamp>/bench.json [runs/bench/<stamp2>/bench.json ...]
 
-copies the file to `results/bench.json` and rewrites the README text between `<!-- bench:begin -->`
+    python tools/readme_bench.py runs/bench/<stamp>/bench.json [more bench.json ...]
 and `<!-- bench:end -->` with `render(bench)`: the processor, core count, load average at the start,
 each figure next to the reference measured in the same process, and how far figures have been seen
 to move between machines. A figure the run did not record is shown as "not measured".
@@ -15,7 +15,6 @@ import argparse
 import importlib.util
 import json
 import pathlib
-import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -81,6 +80,23 @@ def render(bench: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(benches: list[dict]) -> dict:
+    """Several partial runs on one machine as one summary: figures united (a later run's key wins), the
+    benchmarks that ran listed in order, the dates joined, and the highest load average at a start."""
+    if len({b["machine"]["processor"] for b in benches}) != 1:
+        raise SystemExit("bench.json files from different processors cannot be merged")
+    machine = dict(benches[0]["machine"])
+    machine["load_average"] = max((b["machine"]["load_average"] for b in benches), key=lambda x: x[0])
+    machine["date"] = ", ".join(b["machine"].get("date", "?") for b in benches)
+    machine["small"] = any(b["machine"].get("small") for b in benches)
+    failed = [x for b in benches for x in b["machine"].get("failed", [])]
+    machine.pop("failed", None)
+    if failed:
+        machine["failed"] = failed
+    return {"machine": machine, "ran": [r for b in benches for r in b["ran"]],
+            "figures": {k: v for b in benches for k, v in b["figures"].items()}}
+
+
 def _fill():
     spec = importlib.util.spec_from_file_location("readme_results", ROOT / "tools" / "readme_results.py")
     mod = importlib.util.module_from_spec(spec)
@@ -90,15 +106,16 @@ def _fill():
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bench", type=pathlib.Path, help="a runs/bench/<stamp>/bench.json")
+    ap.add_argument("bench", type=pathlib.Path, nargs="+",
+                    help="a runs/bench/<stamp>/bench.json (several: partial runs on one machine, merged)")
     ap.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
-    bench = json.loads(args.bench.read_text())
+    benches = [json.loads(path.read_text()) for path in args.bench]
+    bench = benches[0] if len(benches) == 1 else merge(benches)
     (ROOT / "results").mkdir(exist_ok=True)
-    if args.bench.resolve() != (ROOT / "results" / "bench.json").resolve():
-        shutil.copyfile(args.bench, ROOT / "results" / "bench.json")
+    (ROOT / "results" / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
     args.readme.write_text(_fill()(args.readme.read_text(), "bench", render(bench)))
-    print(f"bench: {args.bench} -> results/bench.json and {args.readme}")
+    print(f"bench: {' + '.join(map(str, args.bench))} -> results/bench.json and {args.readme}")
     return 0
 
 
