@@ -1,11 +1,12 @@
 """Put `make bench`'s figures into the README: rendered from a bench.json, never typed in.
 
-    python tools/readme_bench.py runs/bench/<stamp>/bench.json [runs/bench/<stamp2>/bench.json ...]
-
     python tools/readme_bench.py runs/bench/<stamp>/bench.json [more bench.json ...]
-and `<!-- bench:end -->` with `render(bench)`: the processor, core count, load average at the start,
-each figure next to the reference measured in the same process, and how far figures have been seen
-to move between machines. A figure the run did not record is shown as "not measured".
+
+copies the file (several partial runs on one machine: merged, `merge`) to `results/bench.json` and
+rewrites the README text between `<!-- bench:begin -->` and `<!-- bench:end -->` with `render(bench)`:
+the processor, core count, load average at the start, each figure next to the reference measured in
+the same process, and how far figures have been seen to move between machines. A figure the run did
+not record is shown as "not measured".
 tests/test_bench_summary.py renders a small fixture and checks it.
 """
 
