@@ -12,8 +12,9 @@ Measured on the 2-core AMD EPYC (2026-12-03), widths 96 and 384 (state 31 and 47
 by 6.9x the added state before the loop kept the state on the device (peaks 1911 and 5011 MiB: the
 built state, a host copy, its replicated stack, the chunk's undonated outputs) and by 3.1x after
 (1981 and 3371 MiB). The issue's target, 2x, is not reached: per-chunk growth after the saves (Orbax's
-host buffers, the per-leaf checksums) and the chunk's temporaries remain. The bound below (3.5x)
-catches a return of the old copies; tighten it when those are gone."""
+host buffers, the per-leaf checksums) and the chunk's temporaries remain; a second measurement under
+load gave 3.5x, so the bound below (4.5x) leaves room for the allocator's noise and still catches a
+return of the old copies. Tighten it when those are gone."""
 
 import json
 import os
@@ -61,8 +62,8 @@ def real_game_memory(root, width: int) -> dict:
 
 @pytest.mark.slow
 def test_real_game_peak_grows_by_one_copy_of_the_state_plus_temporaries(tmp_path):
-    """The same game at two widths: the peak's growth per byte of state added stays under 3.5 (3.1
-    measured; 6.9 before the loop kept one copy; the target is 2, see the module docstring)."""
+    """The same game at two widths: the peak's growth per byte of state added stays under 4.5 (3.1-3.5
+    measured; 6.4-6.9 before the loop kept one copy; the target is 2, see the module docstring)."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak RSS is read from /proc")
     small, wide = real_game_memory(tmp_path / "small", 96), real_game_memory(tmp_path / "wide", 384)
@@ -76,4 +77,4 @@ def test_real_game_peak_grows_by_one_copy_of_the_state_plus_temporaries(tmp_path
     added = wide["state_bytes"] - small["state_bytes"]
     print(f"state {small['state_bytes'] / 2**20:.0f} -> {wide['state_bytes'] / 2**20:.0f} MiB, peak above "
           f"baseline grew {grown / 2**20:.0f} MiB: {grown / added:.2f}x the added state")
-    assert grown <= 3.5 * added, f"{grown / added:.2f}x"
+    assert grown <= 4.5 * added, f"{grown / added:.2f}x"
