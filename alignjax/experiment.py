@@ -464,13 +464,11 @@ def resume_dir(cfg: Config, run_dir: pathlib.Path) -> pathlib.Path:
 
 
 def check_resume_folder(cfg: Config) -> pathlib.Path:
-    """`cfg.resume` as a folder, checked to hold a config.yaml of the same config. A run killed before
-    its first save (no checkpoints/ yet) is resumed from step 0 in the same folder, with a message."""
+    """`cfg.resume` as a folder, checked to hold checkpoints and a config.yaml of the same config."""
     old = pathlib.Path(cfg.resume)
-    check_resume_config(cfg, old)
     if not (old / "checkpoints").is_dir():
-        tqdm.write(f"[alignjax] resume={cfg.resume!r}: {old / 'checkpoints'} does not exist (the run stopped "
-                   "before its first save); starting from step 0")
+        raise FileNotFoundError(f"resume={cfg.resume!r}: {old / 'checkpoints'} does not exist")
+    check_resume_config(cfg, old)
     return old
 
 

@@ -32,7 +32,7 @@ def _metrics(run_dir):
 
 def _results(run_dir):
     res = json.loads((run_dir / "results.json").read_text())
-    res.pop("timing"), res.pop("run"), res.pop("plots")
+    res.pop("timing"), res.pop("run"), res.pop("plots"), res.pop("memory", None)  # measured, not computed
     return res
 
 
