@@ -43,7 +43,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -246,13 +245,9 @@ def fits(peak: int) -> list[dict]:
 
 
 def cpu_model() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from alignjax.backend import cpu_model as model
+
+    return model()
 
 
 def _gb(b: int) -> str:

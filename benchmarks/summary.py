@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 
 _FIGURES: dict = {}
 
@@ -44,14 +43,10 @@ def clear() -> None:
 
 
 def processor() -> str:
-    """/proc/cpuinfo's first 'model name' (platform.processor() where there is none)."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    """The processor's model name (alignjax.backend.cpu_model: /proc/cpuinfo's first 'model name')."""
+    from alignjax.backend import cpu_model
+
+    return cpu_model()
 
 
 def machine() -> dict:
