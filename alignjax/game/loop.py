@@ -118,33 +118,6 @@ def pmapped_chunk(step_fn: Callable, length: int, devices: tuple,
                     donate_argnums=0)
 
 
-def pmap_sharding(devices: tuple) -> jax.sharding.NamedSharding:
-    """The sharding pmap gives its outputs ([n_devices, ...], one replica per device). The initial state
-    is placed with it, so the first chunk and the ones fed the previous chunk's outputs share one
-    compilation (pmap keys its cache on the inputs' shardings)."""
-    mesh = jax.sharding.Mesh(np.asarray(devices), (parallel.DATA,))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.DATA))
-
-
-def replicate_on_devices(tree, devices: tuple):
-    """Host (or device) leaves -> pmap-replicated device arrays [n, ...], one leaf at a time: each
-    device gets its copy straight from the host leaf (a broadcast view, never a stacked host copy)."""
-    sharding = pmap_sharding(devices)
-    n = len(devices)
-    def one(x):
-        x = np.asarray(x)
-        return jax.device_put(x[None] if n == 1 else np.broadcast_to(x, (n, *x.shape)), sharding)
-
-    return jax.tree.map(one, tree)
-
-
-def first_replica(tree):
-    """Replica 0 of a pmap-replicated device tree as host NumPy, leaf by leaf. On the CPU these are
-    views of the device buffers (no copy); drop them before the next chunk, which donates the buffers
-    (a live view makes XLA copy instead of reusing them)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-
 @functools.lru_cache(maxsize=16)
 def mesh_chunk(step_fn: Callable, length: int, layout: parallel.Layout,
                seed_axis_of: type | None = None) -> Callable:
@@ -358,7 +331,7 @@ def run_loop(
                    disable=not primary)
         init_state = None  # the caller may hand over its only reference: the host copy is then freed
         if not layout.is_mesh:  # the one device copy
-            state = replicate_on_devices(state, layout.devices)
+            state = parallel.replicate_on_devices(state, layout.devices)
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()
@@ -371,7 +344,7 @@ def run_loop(
             _stop_on_nonfinite([r for records in per_seed for r in records], store)
             # pmap: replica 0 as host views of the device buffers (no copy on the CPU), for the
             # evaluation and the save; dropped before the next chunk donates those buffers
-            seen = state if layout.is_mesh else first_replica(state)
+            seen = state if layout.is_mesh else parallel.first_replica(state)
             with faults.phase("eval", start):
                 extra = on_chunk_end(start, seen) if on_chunk_end is not None else None
             extras = extra if seed_dirs is not None else [extra]
@@ -396,7 +369,7 @@ def run_loop(
             store.close()
         except Exception as e:  # noqa: BLE001
             tqdm.write(f"[alignjax] closing the checkpoint store failed: {e}")
-    return state if layout.is_mesh else first_replica(state)
+    return state if layout.is_mesh else parallel.first_replica(state)
 
 
 def check_writable(folder: pathlib.Path) -> None:
@@ -465,7 +438,7 @@ def _run_chunk(step_fn, state, consts, length: int, layout: parallel.Layout, che
         metrics = parallel.fetch(metrics)
     else:
         # The replicated state stays on the devices between chunks and its buffers are donated to the
-        # next chunk (placed with `pmap_sharding`, so every chunk shares one compilation); only the
+        # next chunk (placed with `parallel.pmap_sharding`, so every chunk shares one compilation); only the
         # metrics come to the host.
         chunk = pmapped_chunk(step_fn, length, layout.devices, seed_axis_of)
         state, metrics = chunk(state, consts)

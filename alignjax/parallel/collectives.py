@@ -108,3 +108,30 @@ def pmap(
 ) -> Callable:
     """`jax.pmap(fn, axis_name="data")`: every argument and output carries a leading device axis."""
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=donate_argnums, **kw)
+
+
+def pmap_sharding(devices: tuple) -> jax.sharding.NamedSharding:
+    """The sharding pmap gives its outputs ([n_devices, ...], one replica per device). The initial state
+    is placed with it, so the first chunk and the ones fed the previous chunk's outputs share one
+    compilation (pmap keys its cache on the inputs' shardings)."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(DATA_AXIS))
+
+
+def replicate_on_devices(tree, devices: tuple):
+    """Host (or device) leaves -> pmap-replicated device arrays [n, ...], one leaf at a time: each
+    device gets its copy straight from the host leaf (a broadcast view, never a stacked host copy)."""
+    sharding = pmap_sharding(devices)
+    n = len(devices)
+    def one(x):
+        x = np.asarray(x)
+        return jax.device_put(x[None] if n == 1 else np.broadcast_to(x, (n, *x.shape)), sharding)
+
+    return jax.tree.map(one, tree)
+
+
+def first_replica(tree):
+    """Replica 0 of a pmap-replicated device tree as host NumPy, leaf by leaf. On the CPU these are
+    views of the device buffers (no copy); drop them before the next chunk, which donates the buffers
+    (a live view makes XLA copy instead of reusing them)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
