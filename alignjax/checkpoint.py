@@ -1,10 +1,10 @@
 """A generic Orbax checkpoint store for any pytree plus a JSON metadata dict, with the fault rules.
 
 It knows nothing of the game: `save(step, tree, metadata)` writes one step folder holding two items,
-`state` (the pytree, via `StandardSave`) and `metadata` (a JSON dict, e.g. the resolved config and
-its fingerprint). `restore(target)` reads the newest step that restores cleanly into the structure of
-`target`; restoring *into a target* keeps NamedTuple / optax state types (a target-less restore would
-hand back plain dicts).
+`state` (the pytree, via `PyTreeSave`, uncompressed) and `metadata` (a JSON dict, e.g. the resolved
+config and its fingerprint). `restore(target)` reads the newest step that restores cleanly into the
+structure of `target`; restoring *into a target* keeps NamedTuple / optax state types (a target-less
+restore would hand back plain dicts).
 
 Fault rules (docs/reliability.md):
 
@@ -31,6 +31,8 @@ Layout on disk:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno as errno_lib
 import hashlib
 import os
@@ -89,6 +91,16 @@ def _spans_devices(x) -> bool:
     return isinstance(x, jax.Array) and len(x.sharding.device_set) > 1
 
 
+def release_freed_memory() -> None:
+    """Hand the heap pages freed by a save back to the OS (glibc `malloc_trim(0)`; a no-op elsewhere).
+    Orbax and TensorStore free their write buffers, but glibc keeps the pages in its arenas, so
+    without this each save of a large state left a few hundred MB resident for the rest of the run."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def leaf_digest(x: np.ndarray) -> str:
     """SHA-256 over a host array's dtype, shape and bytes (C order): equal digests, equal bits. The
     dtype is JAX's canonical one (float64 is float32 without x64), the one a restore hands back."""
@@ -144,7 +156,11 @@ class CheckpointStore:
             # behind; never a checkpoint, it is deleted here (before the next save).
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  cleanup_tmp_directories=True),
-            item_names=("state", "metadata"),
+            # Uncompressed: zstd chunks cost a second host copy of the state while a save is in flight
+            # (peak 1.93x against 1.00x the tree for a 2 GiB NumPy tree) and saved about 10% of disk on
+            # float weights. Restores read either format (the codec is in the array metadata).
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=False),
+                           "metadata": ocp.JsonCheckpointHandler()},
         )
 
     # ----------------------------------------------------------------- queries
@@ -184,7 +200,7 @@ class CheckpointStore:
                 self._manager.save(
                     int(step),
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardSave(host_tree),
+                        state=ocp.args.PyTreeSave(host_tree),
                         metadata=ocp.args.JsonSave(meta),
                     ),
                     force=True,
@@ -199,6 +215,7 @@ class CheckpointStore:
                        f"stops here. The last complete checkpoint is {where}: free space or make the folder "
                        "writable, then resume the run")
                 raise (CheckpointWriteError(code, msg) if code else CheckpointWriteError(msg)) from e
+        release_freed_memory()
         if int(step) not in self.all_steps():  # Orbax logs (not raises) some commit failures
             raise CheckpointWriteError(f"checkpoint step {step} in {self.directory} was not committed "
                                        "(see the Orbax log above); the run stops here")
@@ -229,15 +246,17 @@ class CheckpointStore:
         if fingerprint is not None and theirs is None:
             warnings.warn(f"checkpoint step {step} in {self.directory} holds no config fingerprint "
                           "(written before fingerprints existed): its config is not checked", stacklevel=3)
+        abstract = _abstract(target, shardings)
         out = self._manager.restore(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target, shardings)),
+                state=ocp.args.PyTreeRestore(
+                    abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
                 metadata=ocp.args.JsonRestore(),
             ),
         )
         tree = out["state"] if shardings is not None else jax.tree.map(np.asarray, out["state"])
-        # StandardRestore keeps the target's treedef (NamedTuples, optax states); verify it anyway,
+        # PyTreeRestore keeps the target's treedef (NamedTuples, optax states); verify it anyway,
         # a silently different structure would make a resumed run diverge.
         if jax.tree.structure(tree) != jax.tree.structure(target):
             raise ValueError(f"checkpoint step {step} in {self.directory} has a different tree structure")

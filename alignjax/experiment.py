@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import pathlib
 import sys
 import time
@@ -64,6 +65,8 @@ class EvalConfig:
     every_chunks: int = 1  # progress evaluation cadence during the game, in chunks (0 = off)
     attacker_samples_per_seed: int = 1  # synthetic: rewrites per training seed in the attacker evaluation
     real_prompts: int = 256  # real setting: seed prompts used by the evaluations
+    real_batch_size: int = 0  # real setting: rows per evaluation call (0 = game.batch_size); larger is
+    # faster on CPU (one weight read per decode step serves more rows), at one more compilation
     seed: int = 1234
 
 
@@ -115,6 +118,7 @@ MIN_SIZES = {
     **{f"{o}.{k}": 0 for o in _PLAYERS for k in ("warmup_steps", "decay_steps")},
     "embedder.dim": 1, "embedder.max_len": 1,
     "eval.every_chunks": 0, "eval.attacker_samples_per_seed": 1, "eval.real_prompts": 1,
+    "eval.real_batch_size": 0,
     "real.max_prompt_tokens": 1,
     "parallel.data": 0, "parallel.fsdp": 0, "parallel.tensor": 1, "parallel.num_processes": 0,
     **{f"world.{k}": 1 for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
@@ -233,7 +237,7 @@ def run(cfg: Config, run_dir, progress: bool = True) -> dict:
     validate(cfg)
     environment = where_it_runs(cfg)
     run_dir = resume_dir(cfg, pathlib.Path(run_dir))
-    t = {"start": time.perf_counter()}
+    t = {"start": time.perf_counter(), "load_start": os.getloadavg()[0]}
     rss_before_build = report.rss_bytes()
     setting, built, play_step, layout = _build(cfg, progress)
     t["built"] = time.perf_counter()
@@ -280,7 +284,7 @@ def run_seeds(cfgs: list[Config], run_dirs: list, group_dir, progress: bool = Tr
             raise ValueError("run_seeds: the configs must differ in `seed` only")
     run_dirs = [pathlib.Path(d) for d in run_dirs]
     environment = where_it_runs(cfgs[0])
-    t = {"start": time.perf_counter()}
+    t = {"start": time.perf_counter(), "load_start": os.getloadavg()[0]}
     setting, built, play_step, layout = _build(cfgs[0], progress)
     builts = [built] + [setting.build(c, progress=progress, axis_name=built.spec.axis_name) for c in cfgs[1:]]
     t["built"] = time.perf_counter()
@@ -359,6 +363,7 @@ def where_it_runs(cfg: Config) -> dict:
     stops when the machine has an accelerator that JAX does not use, unless `allow_cpu`."""
     info = backend.describe()
     backend.check_backend(cfg.allow_cpu, info)
+    info["processor"], info["cpus"] = backend.cpu_model(), os.cpu_count()  # the machine under the timings
     tqdm.write("[alignjax] running on " + ", ".join(f"{k}={v}" for k, v in info.items()))
     return info
 
@@ -392,6 +397,8 @@ def _finish(cfg, run_dir, setting, built, final_state, initial, members, t, envi
         "total": t["end"] - t["start"],
     }
     results["run"] = {"seed": cfg.seed, "vmapped_seeds": vmapped}
+    # how busy the machine was (1-minute load averages): the timings above are read against it
+    results["load_average"] = {"start": t["load_start"], "end": os.getloadavg()[0]}
     if memory is not None:  # peak resident memory up to the end of the game against the state's bytes
         results["memory"] = memory
     results["environment"] = environment

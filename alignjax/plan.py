@@ -52,6 +52,7 @@ import jax
 import numpy as np
 
 from alignjax import parallel
+from alignjax.config import ConfigError
 
 # (name, memory in GB = 1e9 bytes) of one device
 ACCELERATORS = (("TPU v5e", 16), ("TPU v4", 32), ("H100", 80), ("TPU v5p", 95), ("H200", 141))
@@ -61,13 +62,13 @@ _ERROR = "alignjax.plan error: "  # how the child reports a rejected input to th
 
 
 def device_count(par: parallel.ParallelConfig) -> int:
-    """The devices of the layout: data x fsdp x tensor (data 0 = 1). Raises ValueError where the
-    layout leaves the count to the machine (fsdp 0) or is not a mesh."""
+    """The devices of the layout: data x fsdp x tensor (data 0 = 1). Raises ConfigError (the cli's one
+    `error:` line) where the layout leaves the count to the machine (fsdp 0) or is not a mesh."""
     if par.mode != "mesh":
-        raise ValueError("plan=true compiles the mesh layout: set parallel.mode=mesh (a pmap layout over D "
+        raise ConfigError("plan=true compiles the mesh layout: set parallel.mode=mesh (a pmap layout over D "
                          "devices holds per device what mesh data D x fsdp 1 x tensor 1 holds)")
     if par.fsdp == 0:
-        raise ValueError("plan=true needs the device count: parallel.fsdp=0 means 'all devices there are'; "
+        raise ConfigError("plan=true needs the device count: parallel.fsdp=0 means 'all devices there are'; "
                          "set parallel.fsdp (and parallel.data, parallel.tensor)")
     return max(par.data, 1) * par.fsdp * par.tensor
 

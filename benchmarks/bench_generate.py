@@ -72,6 +72,26 @@ def timed(fns: dict, repeats: int) -> dict:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def time_hf_generate(hf, prompt: np.ndarray, mask: np.ndarray, cfg: SamplingConfig, repeats: int) -> float:
+    """Median seconds of HF `generate` writing cfg.max_new_tokens tokens for every row of prompt [B, P]
+    (left-padded by mask), with our sampling settings (temperature, top-p, repetition penalty; top-k
+    off) and no EOS stop, as `sample(..., eos_id=None)` runs. One warm-up call first."""
+    import torch
+
+    hf.generation_config.eos_token_id = None  # all max_new_tokens tokens, as ours with eos_id=None
+    ids, att = torch.tensor(prompt, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def generate(n):
+        with torch.no_grad():
+            out = hf.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=n,
+                              temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
+                              repetition_penalty=cfg.repetition_penalty, pad_token_id=0)
+        assert out.shape == (prompt.shape[0], prompt.shape[1] + n), out.shape
+
+    generate(2)  # warm-up (allocator, thread pool)
+    return timed({"hf": lambda: generate(cfg.max_new_tokens)}, repeats)["hf"]
+
+
 def decode_parts(params, config, batch, cache_len, fill, cfg, repeats, steps=16):
     """Median seconds of each part of one decode step (module docstring), the cache holding `fill` tokens.
 
@@ -196,26 +216,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             save_pretrained(params, config, d)
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        hf.generation_config.eos_token_id = None  # generate all `new` tokens, as ours does with eos_id=None
-        ids, att = torch.tensor(prompt, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-        def hf_generate(n):
-            with torch.no_grad():
-                out = hf.generate(
-                    input_ids=ids,
-                    attention_mask=att,
-                    do_sample=True,
-                    max_new_tokens=n,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=0,
-                    repetition_penalty=cfg.repetition_penalty,
-                    pad_token_id=0,
-                )
-            assert out.shape == (batch, prompt_len + n), out.shape
-
-        hf_generate(2)  # warm-up (allocator, thread pool)
-        t_hf = timed({"hf": lambda: hf_generate(new)}, repeats)["hf"]
+        t_hf = time_hf_generate(hf, prompt, mask, cfg, repeats)
 
     # ----- ours: compile excluded (a warm-up call per shape), params already on device
     prompt_j, mask_j = jnp.asarray(prompt), jnp.asarray(mask)

@@ -25,10 +25,10 @@ import numpy as np  # noqa: E402
 
 try:
     from benchmarks import summary  # noqa: E402
-    from benchmarks.bench_generate import RUN_HF, SMALL, timed  # noqa: E402
+    from benchmarks.bench_generate import RUN_HF, SMALL, time_hf_generate, timed  # noqa: E402
 except ImportError:  # run as a script, python benchmarks/<this file>
     import summary  # noqa: E402
-    from bench_generate import RUN_HF, SMALL, timed  # noqa: E402
+    from bench_generate import RUN_HF, SMALL, time_hf_generate, timed  # noqa: E402
 from alignjax.models import gguf_io, hf_io  # noqa: E402
 from alignjax.sampling import SamplingConfig, sample  # noqa: E402
 
@@ -65,18 +65,7 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             gguf_io.gguf_to_hf_folder(path, d, tokenizer=False)  # the same float32 weights
             hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-        hf.generation_config.eos_token_id = None
-        ids, att = torch.tensor(prompt, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
-
-        def hf_generate(n):
-            with torch.no_grad():
-                out = hf.generate(input_ids=ids, attention_mask=att, do_sample=True, max_new_tokens=n,
-                                  temperature=cfg.temperature, top_p=cfg.top_p, top_k=0,
-                                  repetition_penalty=cfg.repetition_penalty, pad_token_id=0)
-            assert out.shape == (batch, prompt_len + n), out.shape
-
-        hf_generate(2)  # warm-up
-        t_hf = timed({"hf": lambda: hf_generate(new)}, repeats)["hf"]
+        t_hf = time_hf_generate(hf, prompt, mask, cfg, repeats)
 
     prompt_j, mask_j = jnp.asarray(prompt), jnp.asarray(mask)
 

@@ -180,9 +180,31 @@ def _check_run_folder(run_dir: pathlib.Path, initial: dict, stages: list[int], a
         for k in ("defender_attack_success", "attacker_attack_success", "over_refusal"):
             assert 0.0 <= r[k] <= 1.0
         assert r["n_benign"] == 3
+        # the rates are means over prompts, with a bootstrap interval around them and the values behind them
+        per = r["per_prompt"]
+        assert [len(per[k]) for k in ("defender_attack_success", "attacker_attack_success", "over_refusal")] \
+            == [4, 4, 3]
+        for k, values in per.items():
+            assert r[k] == pytest.approx(np.mean(values)) and all(0.0 <= v <= 1.0 for v in values)
+            lo, hi = r[f"{k}_ci"]
+            assert lo - 1e-9 <= r[k] <= hi + 1e-9 and min(values) <= lo and hi <= max(values)
+            assert set(per["over_refusal"]) <= {0.0, 1.0}  # a refusal flag per benign answer
+        # the sampled rows (min(5, n)) are the first seeds of the attacker pass, as text
+        assert len(r["samples"]) == 4
+        for i, row in enumerate(r["samples"]):
+            assert row["p_unsafe"] == pytest.approx(per["attacker_attack_success"][i])
+            assert isinstance(row["rewrite"], str) and isinstance(row["answer"], str)
+            # the seed's words (the word tokenizer decodes them space-separated; a long one kept its last
+            # real.max_prompt_tokens = 12)
+            ref = [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(SEEDS[i])]
+            words = row["seed"].split()
+            assert 0 < len(words) <= 12 and ref[-len(words):] == words, (row["seed"], SEEDS[i])
     md = (run_dir / "results.md").read_text()
     assert md.startswith("# Results:") and "| initial |" in md and "| final |" in md
-    assert "over-refusal (benign)" in md
+    assert "over-refusal (benign)" in md and "bootstrap intervals over prompts" in md
+    for label in ("initial", "final"):
+        section = md.split(f"## Samples, {label} players")[1].split("##")[0]
+        assert section.count("\n| ") == 1 + 4, section  # header + one row per sample
     # asked directly, a seed must fit the 6-token prompt block: the longer ones are counted, not hidden
     tok = _word_tokenizer(reverse_words=False)
     n_long = sum(len(tok.encode(s, add_special_tokens=False).ids) > 6 for s in SEEDS)

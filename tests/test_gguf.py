@@ -356,6 +356,23 @@ def test_bfloat16_load(tiny):
     )
 
 
+def test_abstract_build_reads_only_the_metadata(tiny, dequant_calls):
+    """plan=true builds players from a GGUF's metadata (settings.real._init_causal_lm under eval_shape):
+    the same tree, shapes and dtypes as the loaded weights, and no tensor is decoded."""
+    import jax
+    import jax.numpy as jnp
+
+    from alignjax.settings.real import _init_causal_lm
+
+    _, path, _, ref, _ = tiny
+    abstract = jax.eval_shape(lambda: _init_causal_lm(path, jnp.float32).params)
+    assert _no_tensor_decoded(dequant_calls)
+    loaded = load_pretrained(path, dtype=jnp.float32).params
+    shapes = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
+    assert shapes(abstract) == shapes(loaded)
+    assert abstract["embed"].shape == ref["model.embed_tokens.weight"].shape  # HF's [V, D]
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

@@ -32,7 +32,8 @@ def _metrics(run_dir):
 
 def _results(run_dir):
     res = json.loads((run_dir / "results.json").read_text())
-    res.pop("timing"), res.pop("run"), res.pop("plots"), res.pop("memory", None)  # measured, not computed
+    for measured in ("timing", "run", "plots", "memory", "load_average"):  # measured, not computed
+        res.pop(measured, None)
     return res
 
 

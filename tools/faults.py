@@ -248,6 +248,7 @@ def results_view(run_dir: pathlib.Path, rel: str) -> str:
     results = json.loads((run_dir / "results.json").read_text())
     results.pop("timing", None)
     results.pop("memory", None)  # peak RSS: measured, differs between any two runs
+    results.pop("load_average", None)  # likewise
     return json.dumps(norm(results), sort_keys=True)
 
 

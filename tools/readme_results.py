@@ -12,11 +12,19 @@ summaries again and fails when the README differs.
 
 puts the summary table of the memory plans (`python -m alignjax.plan --collect ...`) between
 `<!-- plan_7b:begin -->` and `<!-- plan_7b:end -->` (`plan_table`; tests/test_plan.py checks it).
+
+    python tools/readme_results.py --real runs/real_smollm2/<stamp>
+
+copies a real-setting run's results.json (with its per-step times from metrics.jsonl added as
+`step_seconds`) to `results/<name>.json` and its results.md to `results/<name>.md`, and puts
+`real_block(summary)` (rates with their intervals, time, memory, the machine) between
+`<!-- <name>:begin -->` and `<!-- <name>:end -->` (tests/test_readme_real.py checks it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import re
 import shutil
@@ -44,10 +52,67 @@ def plan_table(plans_md: str) -> str:
     return "\n".join(lines[first:first + end]) + "\n"
 
 
+def real_summary(run_dir: pathlib.Path) -> dict:
+    """A real-setting run's results.json plus `step_seconds` ({step: seconds}, from metrics.jsonl) and
+    `chunk_size` (config.yaml)."""
+    import yaml
+
+    summary = json.loads((run_dir / "results.json").read_text())
+    summary["chunk_size"] = yaml.safe_load((run_dir / "config.yaml").read_text())["loop"]["chunk_size"]
+    records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary["step_seconds"] = {str(r["step"]): r["time/step_s"] for r in records if "time/step_s" in r}
+    return summary
+
+
+def _rate(r: dict, key: str) -> str:
+    if key not in r:
+        return "n/a"
+    lo, hi = r.get(f"{key}_ci", (None, None))
+    return f"{r[key]:.3f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None and lo == lo else "")
+
+
+def real_block(summary: dict, name: str) -> str:
+    """The README's account of one real-setting run: rates before / after, time, memory, machine."""
+    env, t, mem = summary["environment"], summary["timing"], summary.get("memory", {})
+    load = summary.get("load_average", {})
+    steps = {int(k): v for k, v in summary["step_seconds"].items()}
+    first = min(steps)  # the first chunk's per-step time holds its compilation
+    later = [v for k, v in steps.items() if k >= first + summary["chunk_size"]]
+    per_step = (f"{sum(later) / len(later):.1f} s per step after the first chunk" if later
+                else "one chunk only")
+    gib = 2.0**30
+    lines = [
+        f"Generated from [results/{name}.json](results/{name}.json) by `tools/readme_results.py --real` "
+        f"(samples of text: [results/{name}.md](results/{name}.md)). Machine: {env.get('processor', '?')}, "
+        f"{env.get('cpus', '?')} CPUs, load average {load.get('start', float('nan')):.2f} at the start and "
+        f"{load.get('end', float('nan')):.2f} at the end.",
+        "",
+        f"- time: {t['total'] / 60:.1f} min in all; game {t[_key(t, 'game')]:.0f} s for {len(steps)} steps "
+        f"({per_step}; checkpoints and the first chunk's compilation included in the game's total), "
+        f"evaluations {t[_key(t, 'initial evaluation')]:.0f} s + {t['final evaluation']:.0f} s",
+    ]
+    if mem.get("peak_rss_bytes"):
+        ratio = mem["peak_rss_bytes"] / mem["state_bytes"]
+        lines.append(f"- memory: peak resident {mem['peak_rss_bytes'] / gib:.1f} GiB against a game state "
+                     f"of {mem['state_bytes'] / gib:.1f} GiB ({ratio:.2f}x)")
+    lines += ["", f"| players (n = {summary['initial']['n']} seeds, {summary['initial'].get('n_benign', 0)} "
+              "benign) | defender ASR | attacker ASR | over-refusal |", "|---|---|---|---|"]
+    for label in ("initial", "final"):
+        r = summary[label]
+        cells = [_rate(r, k) for k in ("defender_attack_success", "attacker_attack_success", "over_refusal")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _key(timing: dict, prefix: str) -> str:
+    return next(k for k in timing if k.startswith(prefix))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("studies", nargs="*", type=pathlib.Path)
     ap.add_argument("--plan", type=pathlib.Path, help="a `python -m alignjax.plan --collect` file")
+    ap.add_argument("--real", type=pathlib.Path, help="a real-setting run folder (runs/<name>/<stamp>)")
     ap.add_argument("--readme", type=pathlib.Path, default=ROOT / "README.md")
     args = ap.parse_args(argv)
     readme = args.readme.read_text()
@@ -64,6 +129,13 @@ def main(argv=None) -> int:
     if args.plan:
         readme = fill(readme, "plan_7b", plan_table(args.plan.read_text()))
         print(f"plan_7b: {args.plan}")
+    if args.real:
+        name = args.real.parent.name
+        summary = real_summary(args.real)
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        shutil.copyfile(args.real / "results.md", out / f"{name}.md")
+        readme = fill(readme, name, real_block(summary, name))
+        print(f"{name}: {args.real} -> results/{name}.json")
     args.readme.write_text(readme)
     return 0
 

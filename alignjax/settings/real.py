@@ -32,10 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from alignjax import parallel
+from alignjax import parallel, stats
 from alignjax.config import ConfigError
 from alignjax.eval.diversity import selfbleu_diversity
-from alignjax.eval.refusal import refusal_rate
+from alignjax.eval.refusal import is_refusal
 from alignjax.game import keys
 from alignjax.game import schedule as sched
 from alignjax.game.state import init_game_state
@@ -246,7 +246,8 @@ class RealSetting:
         return Built(spec, state, consts, RealContext(tok, benign), tok_dir, notes)
 
     def evaluate(self, built: Built, defender_params, attacker_params, key, cfg) -> dict:
-        return evaluate_real(built, defender_params, attacker_params, key, cfg.eval.real_prompts)
+        return evaluate_real(built, defender_params, attacker_params, key, cfg.eval.real_prompts,
+                             batch_size=cfg.eval.real_batch_size)
 
     def extra(self, built: Built, final_state, key, cfg) -> dict:
         return {}
@@ -262,20 +263,51 @@ class RealSetting:
 
     def report(self, name: str, cfg, results: dict) -> str:
         initial, final, n = results["initial"], results["final"], results["initial"]["n"]
-        fmt = lambda v: "nan" if v != v else f"{v:.3f}"
         lines = [f"# Results: {name}", "", f"{n} seed prompts; one sampled answer each, judged by "
-                 f"{judge_sentence(cfg.real.judge)}. Over-refusal: share of the benign prompts "
-                 "(real.benign_prompts) whose answer matches a refusal phrase (alignjax/eval/refusal.py); "
-                 "nan when no benign file was given.", "",
+                 f"{judge_sentence(cfg.real.judge)}. Over-refusal: share of the "
+                 f"{initial.get('n_benign', 0)} benign prompts (real.benign_prompts) whose answer matches a "
+                 "refusal phrase (alignjax/eval/refusal.py); nan when no benign file was given. "
+                 "Brackets: 95% percentile-bootstrap intervals over prompts (one sampled answer per "
+                 "prompt, so they do not cover the sampling of a second answer).", "",
                  "| players | defender ASR (seeds asked directly) | attacker ASR (its rewrites) | "
                  "attacker diversity | over-refusal (benign) |", "|---|---|---|---|---|"]
         for label, r in (("initial", initial), ("final", final)):
-            cells = (r["defender_attack_success"], r["attacker_attack_success"],
-                     r.get("attacker_diversity", float("nan")), r.get("over_refusal", float("nan")))
-            lines.append(f"| {label} | " + " | ".join(fmt(v) for v in cells) + " |")
+            cells = (_rate_cell(r, "defender_attack_success"), _rate_cell(r, "attacker_attack_success"),
+                     _fmt(r.get("attacker_diversity", float("nan"))), _rate_cell(r, "over_refusal"))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for label, r in (("initial", initial), ("final", final)):
+            if r.get("samples"):
+                lines += ["", f"## Samples, {label} players", "",
+                          f"The first {len(r['samples'])} seeds of the attacker pass (the same seeds before "
+                          f"and after); texts shortened to {SAMPLE_CHARS} characters here, whole in "
+                          "results.json.", "",
+                          "| seed | attacker's rewrite | defender's answer | P(unsafe) |",
+                          "|---|---|---|---|"]
+                lines += [f"| {_cell(row['seed'])} | {_cell(row['rewrite'])} | {_cell(row['answer'])} | "
+                          f"{row['p_unsafe']:.2f} |" for row in r["samples"]]
         lines += ["", "## Timing", ""]
         lines += [f"- {k}: {v:.1f} s" for k, v in results.get("timing", {}).items()]
         return "\n".join(lines) + "\n"
+
+
+SAMPLE_CHARS = 160  # characters of a sample's text shown in a results.md cell
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v != v else f"{v:.3f}"
+
+
+def _rate_cell(r: dict, rate: str) -> str:
+    """`mean [lo, hi]` of one rate of an evaluation (nan when absent)."""
+    lo, hi = r.get(f"{rate}_ci", (float("nan"), float("nan")))
+    cell = _fmt(r.get(rate, float("nan")))
+    return cell if lo != lo else f"{cell} [{lo:.2f}, {hi:.2f}]"
+
+
+def _cell(text: str) -> str:
+    """One line of text for a markdown table cell: newlines and pipes escaped, shortened with an ellipsis."""
+    one = " ".join(text.split()).replace("|", "\\|")
+    return (one[:SAMPLE_CHARS] + "…") if len(one) > SAMPLE_CHARS else (one or "(empty)")
 
 
 class Weights(NamedTuple):
@@ -288,7 +320,14 @@ class Weights(NamedTuple):
 
 def _init_causal_lm(path, dtype) -> Pretrained:
     """`path`'s config.json with `llama.init_params` weights in place of its tensors (which are never
-    opened: a config-only folder will do). Meant to be traced (`jax.eval_shape`): nothing is allocated."""
+    opened: a config-only folder will do), or a GGUF's metadata. Meant to be traced (`jax.eval_shape`):
+    nothing is allocated."""
+    from alignjax.models import gguf_io
+
+    gguf_file = gguf_io.gguf_file_of(path)
+    if gguf_file is not None:  # a llama GGUF: its metadata (read_gguf_config checks every tensor's header)
+        config = gguf_io.read_gguf_config(gguf_file)
+        return Pretrained(llama.init_params(config, jax.random.PRNGKey(0), dtype), config)
     config, arch, _ = read_config(path)
     if arch not in CAUSAL_LM_ARCHITECTURES:
         raise CheckpointError(f"{path} holds a {arch}, not a causal LM")
@@ -477,49 +516,87 @@ def _judge_note(judge: JudgeConfig, setup: JudgeSetup | None) -> str:
 _play_jit = jax.jit(play, static_argnums=0)
 
 
-def evaluate_real(built: Built, defender_params, attacker_params, key, n: int) -> dict:
+SAMPLE_ROWS = 5  # (seed, rewrite, answer, verdict) rows kept per evaluation for results.md
+
+
+def evaluate_real(built: Built, defender_params, attacker_params, key, n: int, batch_size: int = 0,
+                  sample_rows: int = SAMPLE_ROWS) -> dict:
     """Attack success of the defender on the first n seed prompts (asked directly) and of the
-    attacker's rewrites of them (one sampled answer each, judged), plus the rewrites' diversity."""
-    spec = dataclasses.replace(built.spec, axis_name=None)
+    attacker's rewrites of them (one sampled answer each, judged), plus the rewrites' diversity and,
+    with a benign set, the defender's over-refusal.
+
+    Returns the rates (means over prompts), each with a 95% percentile-bootstrap interval over prompts
+    (`<rate>_ci`, stats.bootstrap_ci), the per-prompt values behind them (`per_prompt`: judge P(unsafe)
+    [n] per pass, refusal flags [m] on the benign set) and the first `sample_rows` attacker-pass rows as
+    texts (`samples`: seed, rewrite, answer, P(unsafe)). Played in calls of `batch_size` rows
+    (0 = the game's batch); the last call repeats its last prompt and drops those rows."""
+    spec = built.spec
+    spec = dataclasses.replace(spec, axis_name=None, cfg=dataclasses.replace(
+        spec.cfg, batch_size=batch_size or spec.cfg.batch_size))
     direct = dataclasses.replace(spec, cfg=dataclasses.replace(
         spec.cfg, prompt_source="seeds", schedule=sched.ScheduleConfig(mode="defend_only")))
     state = built.state._replace(
         defender=built.state.defender.replace(policy_params=defender_params),
         attacker=built.state.attacker.replace(policy_params=attacker_params))
     n = min(n, built.consts.seed_tokens.shape[0])
-    bsz = spec.cfg.batch_size
+    bsz, tok = spec.cfg.batch_size, built.context.tokenizer
     out = {"defender_asr": [], "attacker_asr": [], "prompts": [], "lengths": []}
+    samples = []
+    starts = range(0, n, bsz)
+    bar = tqdm(total=2 * len(starts), desc="evaluation (seed prompts)", unit="batch", leave=False)
     for name, sp in (("defender_asr", direct), ("attacker_asr", spec)):
         fn = functools.partial(_play_jit, sp)
-        for start in range(0, n, bsz):
+        for start in starts:
             idx = np.minimum(np.arange(start, start + bsz), n - 1)
             batch = (built.consts.seed_tokens[idx], built.consts.seed_mask[idx])
             ep = fn(state, batch, jax.random.fold_in(key, start), built.consts)
             k = min(bsz, n - start)
-            out[name].append(np.asarray(ep.scores.judge.unsafe, np.float32)[:k])
+            unsafe = np.asarray(ep.scores.judge.unsafe, np.float32)[:k]
+            out[name].append(unsafe)
             if name == "attacker_asr":
                 out["prompts"].append(np.asarray(clean_prompts(ep, spec.pad_id))[:k])
                 out["lengths"].append(np.asarray(ep.prompt_lengths)[:k])
-    res = {"defender_attack_success": float(np.mean(np.concatenate(out["defender_asr"]))),
-           "attacker_attack_success": float(np.mean(np.concatenate(out["attacker_asr"]))), "n": n}
+                if len(samples) < sample_rows:
+                    samples += _sample_rows(tok, spec, batch, ep, unsafe, sample_rows - len(samples))
+            bar.update()
+    bar.close()
+    per_prompt = {"defender_attack_success": np.concatenate(out["defender_asr"]),
+                  "attacker_attack_success": np.concatenate(out["attacker_asr"])}
     lengths = np.concatenate(out["lengths"])
+    res = {"n": n}
     if n >= 2 and lengths.max() > 0:
         res["attacker_diversity"] = selfbleu_diversity(np.concatenate(out["prompts"]), lengths)
     if built.context.benign is not None:
-        res["over_refusal"], res["n_benign"] = _over_refusal(built, direct, state, key)
+        per_prompt["over_refusal"] = _refusals(built, direct, state, key)
+        res["n_benign"] = len(per_prompt["over_refusal"])
+    for rate, values in per_prompt.items():
+        res[rate] = float(np.mean(values))
+        res[f"{rate}_ci"] = list(stats.bootstrap_ci(values))
+    res["per_prompt"] = {k: [float(v) for v in vs] for k, vs in per_prompt.items()}
+    res["samples"] = samples
     return res
 
 
-def _over_refusal(built: Built, direct: GameSpec, state, key) -> tuple[float, int]:
-    """Share of the benign prompts whose sampled answer (defender asked directly) is a refusal."""
+def _sample_rows(tok, spec: GameSpec, batch, ep, unsafe, k: int) -> list[dict]:
+    """The first k rows of an attacker-pass episode as texts: seed, rewrite, answer, P(unsafe)."""
+    k = min(k, len(unsafe))
+    seeds = tok.decode_responses(np.asarray(batch[0])[:k], np.asarray(batch[1])[:k], spec.eos_id)
+    rewrites = tok.decode_responses(np.asarray(ep.prompt)[:k], np.asarray(ep.prompt_mask)[:k], spec.eos_id)
+    answers = tok.decode_responses(np.asarray(ep.response)[:k], np.asarray(ep.response_mask)[:k], spec.eos_id)
+    return [{"seed": s, "rewrite": r, "answer": a, "p_unsafe": float(u)}
+            for s, r, a, u in zip(seeds, rewrites, answers, unsafe[:k], strict=True)]
+
+
+def _refusals(built: Built, direct: GameSpec, state, key) -> np.ndarray:
+    """Per benign prompt [M], 1.0 where the defender's sampled answer (asked directly) is a refusal."""
     tokens, mask = built.context.benign
     m, bsz, texts = tokens.shape[0], direct.cfg.batch_size, []
     fn = functools.partial(_play_jit, direct)
-    for start in range(0, m, bsz):
+    for start in tqdm(range(0, m, bsz), desc="evaluation (benign prompts)", unit="batch", leave=False):
         idx = np.minimum(np.arange(start, start + bsz), m - 1)
         ep = fn(state, (jnp.asarray(tokens[idx]), jnp.asarray(mask[idx])),
                 jax.random.fold_in(key, 10**6 + start), built.consts)
         k = min(bsz, m - start)
         texts += built.context.tokenizer.decode_responses(np.asarray(ep.response)[:k],
                                                           np.asarray(ep.response_mask)[:k], direct.eos_id)
-    return refusal_rate(texts), m
+    return np.asarray([is_refusal(t) for t in texts], np.float32)

@@ -40,7 +40,8 @@ SPLITS = ("train", "heldout_framings", "heldout_topics")
 class SyntheticSetting:
     name = "synthetic"
     # options of the real setting only (the synthetic players are the world's SFT'd ones)
-    UNSUPPORTED = ("real.", "eval.real_prompts", "defender.critic_checkpoint", "attacker.critic_checkpoint")
+    UNSUPPORTED = ("real.", "eval.real_prompts", "eval.real_batch_size", "defender.critic_checkpoint",
+                   "attacker.critic_checkpoint")
 
     def check(self, cfg) -> None:
         unsupported_options(cfg, type(cfg)(), self.UNSUPPORTED, self.name)
