@@ -45,7 +45,7 @@ def test_committed_rates_and_intervals_follow_from_the_per_prompt_verdicts(label
     assert len(r["per_prompt"]["defender_attack_success"]) == r["n"]
     assert len(r["per_prompt"]["over_refusal"]) == r["n_benign"]
     for rate, values in r["per_prompt"].items():
-        assert r[rate] == pytest.approx(np.mean(values), abs=1e-12)
+        assert r[rate] == pytest.approx(np.mean(values), abs=1e-6)  # a float32 mean
         if min(values) == max(values):  # no spread: the interval is the point
             assert r[f"{rate}_ci"] == [values[0], values[0]]
             continue
