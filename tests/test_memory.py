@@ -14,7 +14,13 @@ built state, a host copy, its replicated stack, the chunk's undonated outputs) a
 (1981 and 3371 MiB). The issue's target, 2x, is not reached: per-chunk growth after the saves (Orbax's
 host buffers, the per-leaf checksums) and the chunk's temporaries remain; a second measurement under
 load gave 3.5x, so the bound below (4.5x) leaves room for the allocator's noise and still catches a
-return of the old copies. Tighten it when those are gone."""
+return of the old copies. Tighten it when those are gone.
+
+Later the same day, with uncompressed saves and malloc_trim after each: 3.25x (remat none) and 3.15x
+(remat full): this game's peak is in the chunk, not in the saves, and it is not the activations; the
+remaining temporaries scale with the parameters (gradients, the optimizer's new moments, the copies
+the stage switch makes of the players it passes through). The SmolLM2 game (results/real_smollm2.json)
+peaks at 2.33x its state."""
 
 import json
 import os
@@ -37,8 +43,9 @@ def _checkpoint(root, tok, seed, width):
     return path
 
 
-def real_game_memory(root, width: int) -> dict:
-    """results.json's `memory` of a 4-step real-setting game whose players are `width` wide (own process)."""
+def real_game_memory(root, width: int, extra: tuple[str, ...] = ()) -> dict:
+    """results.json's `memory` of a 4-step real-setting game whose players are `width` wide (own process;
+    `extra`: more config overrides)."""
     players, judge = _word_tokenizer(reverse_words=False), _word_tokenizer(reverse_words=True)
     ck = root / "ckpt"
     ck.mkdir(parents=True)
@@ -49,7 +56,7 @@ def real_game_memory(root, width: int) -> dict:
     budget = [a for a in BUDGET if not a.startswith(("parallel.data", "loop.check_replicas"))]
     argv = ["real_llama7b_gpo_div", f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}",
             f"real.judge.checkpoint={judge_ck}", f"real.seed_prompts={seeds}", *budget,
-            "parallel.data=1", "precision.compute=float32", "export=false"]
+            "parallel.data=1", "precision.compute=float32", "export=false", *extra]
     work = root / "work"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-m", "alignjax.cli", *argv], cwd=work, capture_output=True,
