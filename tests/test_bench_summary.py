@@ -72,6 +72,14 @@ def test_readme_block_from_fixture(tmp_path):
     assert "| generation, tokens/s | not measured | not measured (HF `generate`) | not measured" in text
     assert "| game steps/s (`default`, host included) | 0.25 | | host share 25% |" in text
     assert "Figures on another processor differ" in text and "2.43x" in text and "1.54x" in text
+    assert "| SmolLM2 game step, s (phases summed: defence, attack) | not measured | | |" in text
+    real = dict(FIXTURE, figures={**FIXTURE["figures"], "smollm2_generate_tok_s": 107.1,
+                                  "smollm2_generate_hf_tok_s": 50.9, "smollm2_generate_speedup_vs_hf": 2.104,
+                                  "game_real_step_s": [25.23, 33.57]})
+    real_text = tool.render(real)
+    row = "| generation, SmolLM2-135M-Instruct, tokens/s | 107.1 | 50.9 (HF `generate`) | 2.10x HF |"
+    assert row in real_text
+    assert "| SmolLM2 game step, s (phases summed: defence, attack) | 25.2, 33.6 | | |" in real_text
 
     quiet = json.loads(json.dumps(FIXTURE))
     quiet["machine"]["load_average"] = [0.3, 0.3, 0.3]

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -346,3 +347,26 @@ def test_cli_rejects_judge_words_that_are_not_one_token(tmp_path):
     written = [p.relative_to(work) for p in work.rglob("*") if p.is_file()]
     assert all(p.name == "config.yaml" for p in written), written
 
+
+
+def test_cli_rejects_sequences_longer_than_the_players_context(tmp_path, monkeypatch, capsys):
+    """The attacker's template + its seeds (real.max_prompt_tokens 12) + its 500 new tokens exceed the
+    checkpoints' 512 positions: one error line names the lengths and the options to lower, and nothing
+    but config.yaml is written."""
+    paths = _inputs(tmp_path, None)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    rc = cli.main([*_argv("real_llama7b_gpo_div", paths), *SMALL_BUDGET, "real.judge.kind=refusal",
+                   "game.attacker_sampling.max_new_tokens=500",
+                   "game.defender_sampling.max_new_tokens=20"])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    found = re.search(r"the attacker's sequences reach (\d+) tokens \(template (\d+) \+ content 12 "
+                      r"\+ 500 new\), over its checkpoint's context of 512", err)
+    assert found, err[-2000:]
+    total, template = int(found.group(1)), int(found.group(2))
+    assert total == template + 512 > 512 and template > 0
+    assert "lower real.max_prompt_tokens or game.*_sampling.max_new_tokens" in err
+    written = [p.relative_to(work) for p in work.rglob("*") if p.is_file()]
+    assert all(p.name == "config.yaml" for p in written), written

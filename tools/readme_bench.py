@@ -69,16 +69,24 @@ def render(bench: dict) -> str:
         f"| PPO update, s | {_fmt(f.get('ppo_update_s'), '.2f')} | "
         f"{_fmt(f.get('ppo_update_torch_s'), '.2f')} (PyTorch) | "
         f"{_ratio(f.get('ppo_speedup_vs_torch'), 'PyTorch')} |",
+        f"| generation, SmolLM2-135M-Instruct, tokens/s | {_fmt(f.get('smollm2_generate_tok_s'), '.1f')} | "
+        f"{_fmt(f.get('smollm2_generate_hf_tok_s'), '.1f')} (HF `generate`) | "
+        f"{_ratio(f.get('smollm2_generate_speedup_vs_hf'), 'HF')} |",
         f"| Self-BLEU novelty, full history{cap} | | fast_bleu, the authors' approach | "
         f"{_ratio(f.get('selfbleu_speedup'), '')} |",
         f"| game steps/s (`{f.get('game_experiment', 'default')}`, host included) | "
         f"{_fmt(f.get('game_steps_per_s'), '.2f')} | | host share "
         f"{_fmt(None if f.get('game_host_share') is None else 100 * f['game_host_share'], '.0f')}"
         f"{'' if f.get('game_host_share') is None else '%'} |",
+        f"| SmolLM2 game step, s (phases summed: defence, attack) | {_pair(f.get('game_real_step_s'))} | | |",
         "",
         ACROSS_MACHINES,
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pair(x) -> str:
+    return "not measured" if x is None else f"{x[0]:.1f}, {x[1]:.1f}"
 
 
 def merge(benches: list[dict]) -> dict:

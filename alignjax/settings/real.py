@@ -219,6 +219,7 @@ class RealSetting:
                         attacker=Role(models(a.config), a_tpl.fill), referee=referee,
                         eos_id=int(eos), pad_id=int(pad), embed=embed, embed_dim=embed_dim,
                         axis_name=axis_name)
+        check_context(cfg, spec, {"attacker": (a_tpl, a.config), "defender": (d_tpl, d.config)})
         defender, attacker = _player_states(cfg, d, a, dtype, weights)
         history = hist.init(g.history_capacity, spec.prompt_len, embed_dim, pad)
         state = init_game_state(defender, attacker, cast_floating(d.params, frozen),
@@ -397,6 +398,23 @@ def encode_prompts(tok, lines: list[str], real: RealConfig, option: str, direct_
             "their last tokens (counted in results.md)")
     tokens, mask = tok.pad_batch(ids, max_len=real.max_prompt_tokens, side="left", truncation="left")
     return tokens, mask, len(long)
+
+
+def check_context(cfg, spec: GameSpec, roles: dict) -> None:
+    """Raise ConfigError where a player's longest sequence (its template, the widest content it is given
+    and its new tokens) exceeds the context its checkpoint was trained for (max_position_embeddings):
+    RoPE would run past it without an error and the model would read positions it never saw."""
+    g = cfg.game
+    content = {"attacker": cfg.real.max_prompt_tokens, "defender": spec.prompt_len}
+    new = {"attacker": g.attacker_sampling.max_new_tokens, "defender": g.defender_sampling.max_new_tokens}
+    for role, (tpl, config) in roles.items():
+        longest = len(tpl.prefix) + len(tpl.suffix) + content[role] + new[role]
+        if longest > config.max_position_embeddings:
+            raise ConfigError(
+                f"the {role}'s sequences reach {longest} tokens (template {len(tpl.prefix) + len(tpl.suffix)}"
+                f" + content {content[role]} + {new[role]} new), over its checkpoint's context of "
+                f"{config.max_position_embeddings} ({role}.checkpoint's max_position_embeddings): lower "
+                f"real.max_prompt_tokens or game.*_sampling.max_new_tokens")
 
 
 def read_seed_lines(path) -> list[str]:
