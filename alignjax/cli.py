@@ -131,6 +131,9 @@ def _reject(e: Exception) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + f"\n\nexperiments: {', '.join(available())}")
+        return 0
     name = argv[0] if argv else "default"
     try:
         module, cfg = load_experiment(name, argv[1:])

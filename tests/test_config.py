@@ -78,3 +78,14 @@ def test_experiment_base_chain_merges_and_rejects_loops(tmp_path, monkeypatch):
     (tmp_path / "e.yaml").write_text("runner: other\nbase: a\nconfig: {}\n")
     with pytest.raises(ConfigError, match="differs from its base"):
         cli._read_spec("e")
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_cli_help_lists_the_experiments(flag, capsys):
+    from alignjax import cli
+
+    assert cli.main([flag]) == 0
+    out = capsys.readouterr().out
+    assert "python -m alignjax.cli NAME" in out
+    listed = out.split("experiments: ")[1].strip().split(", ")
+    assert listed == sorted(p.stem for p in (cli.EXPERIMENTS_DIR).glob("*.yaml")) and "real_smollm2" in listed
