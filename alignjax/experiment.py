@@ -119,7 +119,7 @@ MIN_SIZES = {
     "embedder.dim": 1, "embedder.max_len": 1,
     "eval.every_chunks": 0, "eval.attacker_samples_per_seed": 1, "eval.real_prompts": 1,
     "eval.real_batch_size": 0,
-    "real.max_prompt_tokens": 1,
+    "real.max_prompt_tokens": 1, "real.judge.reencode_tokens": 1,
     "parallel.data": 0, "parallel.fsdp": 0, "parallel.tensor": 1, "parallel.num_processes": 0,
     **{f"world.{k}": 1 for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                                  "intermediate_size", "sft_batch_size")},

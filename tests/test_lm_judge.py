@@ -189,3 +189,18 @@ def test_renormalised_is_finite_when_both_probabilities_underflow():
     check_judge_output(ren, 2)
     np.testing.assert_allclose(np.asarray(ren.p_safe), [0.5, 0.25], atol=1e-7)
     np.testing.assert_allclose(np.asarray(ren.p_unsafe), [0.5, 0.75], atol=1e-7)
+
+
+def test_retokenize_overflow_quotes_the_row_and_the_callers_hint():
+    """A re-encoding longer than its slot stops with the row's text and what the user can change."""
+    from alignjax.rewards.lm_judge import retokenize
+
+    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    encode = lambda text: [ord(c) for c in text]  # one judge token per character: finer than the players'
+    tokens, mask = np.array([[5, 6, 7]]), np.ones((1, 3), np.int32)
+    with pytest.raises(ValueError, match=r"row 0 \('w5 w6 w7'...\) re-encodes to 8 judge tokens > out_len=6: "
+                                         r"raise real.judge.reencode_tokens"):
+        retokenize(decode, encode, tokens, mask, 6, 0, "right",
+                   overflow_hint="raise real.judge.reencode_tokens")
+    out, out_mask = retokenize(decode, encode, tokens, mask, 8, 0, "right")  # exactly fits: kept whole
+    assert out[0].tolist() == [ord(c) for c in "w5 w6 w7"] and out_mask[0].tolist() == [1] * 8

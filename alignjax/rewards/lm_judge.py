@@ -493,14 +493,16 @@ def retokenize(
     pad_id: int,
     side: str,
     text_prefix: str = "",
+    overflow_hint: str = "raise out_len",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Host-side: decode each row's real tokens, strip the text, encode text_prefix + text, pad to out_len
     on `side` ("left"/"right"). Whitespace at either end of a decoded content is the players'
     tokenization, not content (a byte-level BPE answer decodes as " Sure..."): the template's pieces
     and text_prefix place the spaces.
 
-    A row longer than out_len after re-encoding is an error (never silently cut): size out_len for the
-    worst case (prompt / response lengths times the tokenizers' ratio)."""
+    A row longer than out_len after re-encoding is an error (never silently cut) whose message ends with
+    `overflow_hint` (what the caller's user can change): size out_len for the worst case (prompt /
+    response lengths times the tokenizers' ratio)."""
     tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
     out = np.full((tokens.shape[0], out_len), pad_id, np.int32)
     out_mask = np.zeros((tokens.shape[0], out_len), np.int32)
@@ -508,9 +510,8 @@ def retokenize(
         text = decode([int(t) for t in tokens[b][mask[b]]]).strip()
         ids = list(encode(text_prefix + text)) if text else []
         if len(ids) > out_len:
-            raise ValueError(
-                f"row {b} re-encodes to {len(ids)} judge tokens > out_len={out_len}; raise out_len"
-            )
+            raise ValueError(f"row {b} ({text[:80]!r}...) re-encodes to {len(ids)} judge tokens > "
+                             f"out_len={out_len}: {overflow_hint}")
         if ids:
             sl = slice(out_len - len(ids), out_len) if side == "left" else slice(0, len(ids))
             out[b, sl], out_mask[b, sl] = ids, 1
@@ -526,6 +527,7 @@ def retokenizing_judge(
     pad_id: int = 0,
     prompt_prefix: str = "",
     response_prefix: str = "",
+    overflow_hint: str = "raise prompt_len / response_len",
 ) -> Callable[..., JudgeOutput]:
     """Wrap a judge over the judge's vocabulary into one over the players' vocabulary.
 
@@ -536,8 +538,10 @@ def retokenizing_judge(
     (fixed shapes, so the wrapper is jittable; under vmap the callback runs once per mapped element)."""
 
     def host(pt, pm, rt, rm):
-        p, p_mask = retokenize(decode, encode, pt, pm, prompt_len, pad_id, "left", prompt_prefix)
-        r, r_mask = retokenize(decode, encode, rt, rm, response_len, pad_id, "right", response_prefix)
+        p, p_mask = retokenize(decode, encode, pt, pm, prompt_len, pad_id, "left", prompt_prefix,
+                               overflow_hint)
+        r, r_mask = retokenize(decode, encode, rt, rm, response_len, pad_id, "right", response_prefix,
+                               overflow_hint)
         return p, p_mask, r, r_mask
 
     def wrapped(prompt_tokens, prompt_mask, response_tokens, response_mask) -> JudgeOutput:

@@ -97,6 +97,8 @@ class JudgeConfig:
     # first_answer = the first of up to read_tokens greedily written tokens that is safe or unsafe
     read_tokens: int = 8  # lm, read=first_answer: how many tokens the judge may write before answering
     refusal_window: int = 200  # refusal: characters at the start of an answer searched for refusal phrases
+    reencode_tokens: int = 4  # lm, with a vocabulary other than the players': judge tokens reserved per
+    # player token when prompts and answers are re-encoded for it (a longer re-encoding stops the run)
 
     def __post_init__(self):
         if self.read not in READS:
@@ -107,7 +109,7 @@ class JudgeConfig:
 
 
 # real.judge.* that only one kind reads
-LM_ONLY = ("checkpoint", "template", "safe", "unsafe", "bos", "read", "read_tokens")
+LM_ONLY = ("checkpoint", "template", "safe", "unsafe", "bos", "read", "read_tokens", "reencode_tokens")
 REFUSAL_ONLY = ("refusal_window",)
 
 
@@ -504,13 +506,16 @@ def _judge_and_referee(cfg, tok, dtype, weights: Weights = LOAD, setup: JudgeSet
         return judge, lambda j, *xy: scores_from_judge(j(*xy))
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
     encode = lambda text: judge_tok.encode(text)  # noqa: E731
-    # worst case: one judge token per character of the decoded text
-    plen, rlen = 4 * g.attacker_sampling.max_new_tokens, 4 * g.defender_sampling.max_new_tokens
+    # slots for the re-encoded texts: the judge runs on them padded, so not the (far longer) worst case
+    k = jc.reencode_tokens
+    plen, rlen = k * g.attacker_sampling.max_new_tokens, k * g.defender_sampling.max_new_tokens
+    hint = (f"the judge's tokenizer splits the players' text finer than real.judge.reencode_tokens={k} judge "
+            "tokens per player token; raise it (the judge then reads longer padded sequences)")
 
     def referee(j, *xy):
         tpl = s.template
         return scores_from_judge(retokenizing_judge(j, decode, encode, plen, rlen, j.pad_id,
-                                                    tpl.prompt_prefix, tpl.response_prefix)(*xy))
+                                                    tpl.prompt_prefix, tpl.response_prefix, hint)(*xy))
 
     return judge, referee
 
