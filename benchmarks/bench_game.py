@@ -59,14 +59,30 @@ SMALL = bool(os.environ.get("ALIGNJAX_BENCH_SMALL"))
 REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "2" if SMALL else "5"))
 
 
-def median_time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile (and warm)
+def median_time_and_output(fn, repeats: int):
+    """(median seconds of `repeats` calls of fn, the output of the first, compiling call)."""
+    out = jax.block_until_ready(fn())  # compile (and warm)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), out
+
+
+def median_time(fn, repeats: int) -> float:
+    return median_time_and_output(fn, repeats)[0]
+
+
+def phase_rows(t: dict) -> list[tuple[str, float, float]]:
+    """(phase, defence-step s, attack-step s) from the phase timings `t` (profile_stage's keys)."""
+    return [("attacker sampling", t["attacker_sample"], t["attacker_sample"]),
+            ("defender sampling", t["defender_sample"], t["defender_sample"]),
+            ("judge", t["judge"], t["judge"]),
+            ("diversity rewards", 0.0, t["diversity"]),
+            ("experience (forwards + GAE)", t["experience_defend"], t["experience_attack"]),
+            ("PPO optimisation", t["update_defend"] - t["experience_defend"],
+             t["update_attack"] - t["experience_attack"])]
 
 
 def phases(spec, state, consts):
@@ -228,13 +244,7 @@ def main():
     prof = profile_step(cfg, chunk_len)
     t, whole = prof["phases"], prof["whole"]
     ms = lambda s: f"{s * 1e3:9.1f} ms"
-    rows = [("attacker sampling", t["attacker_sample"], t["attacker_sample"]),
-            ("defender sampling", t["defender_sample"], t["defender_sample"]),
-            ("judge", t["judge"], t["judge"]),
-            ("diversity rewards", 0.0, t["diversity"]),
-            ("experience (forwards + GAE)", t["experience_defend"], t["experience_attack"]),
-            ("PPO optimisation", t["update_defend"] - t["experience_defend"],
-             t["update_attack"] - t["experience_attack"])]
+    rows = phase_rows(t)
     sums = [sum(r[1] for r in rows), sum(r[2] for r in rows)]
     print(f"\n{name}: batch {prof['batch']}; one step = time of a scanned chunk of {chunk_len} / {chunk_len} "
           "(compile excluded); phases jitted separately on the step's inputs")

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 try:
     from benchmarks import summary
-    from benchmarks.bench_game import median_time, phases
+    from benchmarks.bench_game import median_time_and_output, phase_rows, phases
 except ImportError:  # run as a script, python benchmarks/bench_game_real.py
     import summary
-    from bench_game import median_time, phases
+    from bench_game import median_time_and_output, phase_rows, phases
 
 from alignjax import backend, experiment
 from alignjax.cli import load_experiment
@@ -57,15 +57,15 @@ def main():
     batch, _ = gs.draw_batch(consts, st.cursor, st.rng, spec.cfg.batch_size, None)
     t = {}
 
-    def timed(name, fn):
-        t[name] = median_time(fn, REPEATS)
-        return fn()
+    def timed(name, fn):  # the compiling call's output feeds the next phase
+        t[name], out = median_time_and_output(fn, REPEATS)
+        return out
 
-    a_in, a_mask, x, x_mask = timed("attacker sampling", lambda: f["attacker_sample"](st, batch, k_play))
+    a_in, a_mask, x, x_mask = timed("attacker_sample", lambda: f["attacker_sample"](st, batch, k_play))
     d_in, d_mask, y, y_mask, x_len, x_bare = timed(
-        "defender sampling", lambda: f["defender_sample"](st, x, x_mask, k_play))
+        "defender_sample", lambda: f["defender_sample"](st, x, x_mask, k_play))
     scores = timed("judge", lambda: f["judge"](x, x_bare, y, y_mask))
-    reward = timed("diversity rewards", lambda: f["diversity"](st, x, x_len, scores))
+    reward = timed("diversity", lambda: f["diversity"](st, x, x_len, scores))
     d_scores = scores.defender.astype(jnp.float32)
     runs = {"defend": (st.defender, st.defender_ref, k_def, "def",
                        Rollout(d_in, d_mask, y, y_mask.astype(jnp.int32), d_scores)),
@@ -75,13 +75,7 @@ def main():
         exp_fn, upd_fn = f[f"experience_{tag}"], f[f"update_{tag}"]
         timed(f"experience_{name}", lambda e=exp_fn, p=player, r=ref, ro=rollout: e(p, r, ro))
         timed(f"update_{name}", lambda u=upd_fn, p=player, r=ref, ro=rollout, k=k: u(p, r, ro, k))
-    rows = [("attacker sampling", t["attacker sampling"], t["attacker sampling"]),
-            ("defender sampling", t["defender sampling"], t["defender sampling"]),
-            ("judge", t["judge"], t["judge"]),
-            ("diversity rewards", 0.0, t["diversity rewards"]),
-            ("experience (forwards + GAE)", t["experience_defend"], t["experience_attack"]),
-            ("PPO optimisation", t["update_defend"] - t["experience_defend"],
-             t["update_attack"] - t["experience_attack"])]
+    rows = phase_rows(t)
     sums = [sum(r[1] for r in rows), sum(r[2] for r in rows)]
     print(f"\nreal_smollm2: phases jitted separately on the step's inputs (compile excluded); "
           f"prompt blocks {a_in.shape[1]} (attacker) / {d_in.shape[1]} (defender) tokens")

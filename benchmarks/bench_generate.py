@@ -72,6 +72,19 @@ def timed(fns: dict, repeats: int) -> dict:
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
+def hf_reference(write_folder, threads: int):
+    """HF's float32 LlamaForCausalLM of the weights `write_folder(folder)` writes as an HF folder, with
+    torch on `threads` threads (printed with the versions): the reference of the generation benchmarks."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__} with {threads} threads; transformers {transformers.__version__}")
+    with tempfile.TemporaryDirectory() as d:
+        write_folder(d)
+        return transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+
 def time_hf_generate(hf, prompt: np.ndarray, mask: np.ndarray, cfg: SamplingConfig, repeats: int) -> float:
     """Median seconds of HF `generate` writing cfg.max_new_tokens tokens for every row of prompt [B, P]
     (left-padded by mask), with our sampling settings (temperature, top-p, repetition penalty; top-k
@@ -208,14 +221,7 @@ def main():
     # ----- HF: the same weights through an exported HF folder
     t_hf = None
     if RUN_HF:
-        import torch
-        import transformers
-
-        torch.set_num_threads(threads)
-        print(f"torch {torch.__version__} with {threads} threads; transformers {transformers.__version__}")
-        with tempfile.TemporaryDirectory() as d:
-            save_pretrained(params, config, d)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        hf = hf_reference(lambda d: save_pretrained(params, config, d), threads)
         t_hf = time_hf_generate(hf, prompt, mask, cfg, repeats)
 
     # ----- ours: compile excluded (a warm-up call per shape), params already on device

@@ -14,7 +14,6 @@ excluded; bench_generate's helpers (`timed`) are reused.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,10 +24,10 @@ import numpy as np  # noqa: E402
 
 try:
     from benchmarks import summary  # noqa: E402
-    from benchmarks.bench_generate import RUN_HF, SMALL, time_hf_generate, timed  # noqa: E402
+    from benchmarks.bench_generate import RUN_HF, SMALL, hf_reference, time_hf_generate, timed  # noqa: E402
 except ImportError:  # run as a script, python benchmarks/<this file>
     import summary  # noqa: E402
-    from bench_generate import RUN_HF, SMALL, time_hf_generate, timed  # noqa: E402
+    from bench_generate import RUN_HF, SMALL, hf_reference, time_hf_generate, timed  # noqa: E402
 from alignjax.models import gguf_io, hf_io  # noqa: E402
 from alignjax.sampling import SamplingConfig, sample  # noqa: E402
 
@@ -57,14 +56,8 @@ def main():
 
     t_hf = None
     if RUN_HF:
-        import torch
-        import transformers
-
-        torch.set_num_threads(threads)
-        print(f"torch {torch.__version__} with {threads} threads; transformers {transformers.__version__}")
-        with tempfile.TemporaryDirectory() as d:
-            gguf_io.gguf_to_hf_folder(path, d, tokenizer=False)  # the same float32 weights
-            hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        # the same float32 weights, through a converted HF folder
+        hf = hf_reference(lambda d: gguf_io.gguf_to_hf_folder(path, d, tokenizer=False), threads)
         t_hf = time_hf_generate(hf, prompt, mask, cfg, repeats)
 
     prompt_j, mask_j = jnp.asarray(prompt), jnp.asarray(mask)
