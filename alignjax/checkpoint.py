@@ -137,6 +137,18 @@ def _errno_of(e: BaseException) -> int | None:
     return None
 
 
+def _registry():
+    """Orbax's standard type handlers, but NumPy arrays are written in place. Orbax deep-copies host
+    arrays before writing them by default, against a caller who changes them while an async save is
+    in flight; `save` blocks until the write is done, so that copy only raised the peak by the whole
+    state (a 2 GiB NumPy tree: 1.00x the tree over the save, 0.00x without the copy, and 7 s against
+    13 s)."""
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(*[(t, th.get_type_handler(t)) for t in th.supported_types()])
+    registry.add(np.ndarray, th.NumpyHandler(deepcopy_host_arrays=False), override=True, ignore_warnings=True)
+    return registry
+
+
 class CheckpointStore:
     """Thin wrapper over `ocp.CheckpointManager` (one item pytree + one JSON item per step).
 
@@ -158,8 +170,10 @@ class CheckpointStore:
                                                  cleanup_tmp_directories=True),
             # Uncompressed: zstd chunks cost a second host copy of the state while a save is in flight
             # (peak 1.93x against 1.00x the tree for a 2 GiB NumPy tree) and saved about 10% of disk on
-            # float weights. Restores read either format (the codec is in the array metadata).
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=False),
+            # float weights. Restores read either format (the codec is in the array metadata). Host
+            # arrays are written in place, not deep-copied first (`_registry`).
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(use_compression=False,
+                                                                type_handler_registry=_registry()),
                            "metadata": ocp.JsonCheckpointHandler()},
         )
 

@@ -181,3 +181,30 @@ def test_checksums_follow_the_dtype_a_restore_hands_back(tmp_path):
     out = CheckpointStore(tmp_path).restore({"x": np.zeros(7)})
     assert out.step == 1
     np.testing.assert_array_equal(out.tree["x"], tree["x"].astype(np.float32))
+
+
+_SAVE_PEAK = """
+import sys, numpy as np
+from alignjax.checkpoint import CheckpointStore
+from alignjax.report import rss_bytes
+tree = {f"w{i}": np.random.default_rng(i).standard_normal((32, 1024, 256), np.float32) for i in range(8)}
+before = rss_bytes()
+with CheckpointStore(sys.argv[1]) as store:
+    store.save(1, tree)
+print((rss_bytes("VmHWM") - before) / sum(x.nbytes for x in tree.values()))
+"""
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/status").exists(), reason="peak RSS is read from /proc")
+def test_a_save_writes_host_arrays_in_place(tmp_path):
+    """Saving a 256 MiB NumPy tree raises the process's peak resident memory by less than a quarter of
+    the tree, in a fresh process (VmHWM). Orbax's default NumPy handler deep-copies every host array
+    before writing it: 1.00x the tree (measured on 2 GiB; 0.00x in place)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _SAVE_PEAK, str(tmp_path / "ck")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grown = float(proc.stdout.strip().splitlines()[-1])
+    assert grown < 0.25, f"the save raised the peak by {grown:.2f}x the tree"

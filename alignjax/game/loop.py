@@ -31,7 +31,7 @@ One chunk = `lax.scan(step_fn)` over K steps; between chunks, on the host:
     3. save the state with `CheckpointStore` (Orbax) under `<run_dir>/checkpoints/<step>`.
 
 Seeds as one program (`seed_dirs`, used by studies): the state carries a leading seed axis on every
-leaf but `step` (shared: all seeds are at the same step, so the stage switch stays a real branch), the
+leaf but `step` (shared: all seeds are at the same step, so the per-player conds stay real branches), the
 chunk is `jax.vmap`-ed over that axis, and seed i's metrics go to `seed_dirs[i]/metrics.jsonl`. Each
 seed computes what it would compute alone; the compiled program differs, so over a long run the
 seeds drift from separate runs in the last bits (the game is chaotic).
@@ -66,7 +66,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from alignjax import faults, parallel
-from alignjax.checkpoint import CheckpointStore
+from alignjax.checkpoint import CheckpointStore, release_freed_memory
 from alignjax.game import keys
 from alignjax.game import metrics as game_metrics
 
@@ -332,6 +332,7 @@ def run_loop(
         init_state = None  # the caller may hand over its only reference: the host copy is then freed
         if not layout.is_mesh:  # the one device copy
             state = parallel.replicate_on_devices(state, layout.devices)
+        release_freed_memory()  # the build's freed host buffers (about 0.7x a real game's state) go back
         while start < cfg.total_steps:
             length = min(cfg.chunk_size, cfg.total_steps - start)
             t0 = time.perf_counter()

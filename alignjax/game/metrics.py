@@ -1,6 +1,6 @@
 """What one game step reports: a fixed metric schema per stage.
 
-Every step returns the same dict structure from inside jit (a `lax.switch` needs it): the metrics of
+Every step returns the same dict structure from inside jit (each player's `lax.cond` needs it): the metrics of
 the rollout, both players' PPO metrics and the attacker's reward terms. The player that did not learn
 in a step gets zeros there, and `select` (on the host) keeps only what the step measured:
 
