@@ -3,7 +3,7 @@
 Because the stage is computed from the step counter alone (never from host-side mutable state), a
 run resumed from a checkpoint at any step takes exactly the same stages as an uninterrupted one.
 
-Stages (int32 codes, usable inside `lax.switch`):
+Stages (int32 codes, compared inside traced code):
 
     DEFEND = 0   the defender gets a PPO update on r(x, y) = P_safe
     ATTACK = 1   the attacker gets a PPO update on P_unsafe + k * R_div; its prompts join the history
