@@ -307,7 +307,7 @@ def make_game_step(spec: GameSpec) -> Callable:
         6.3 GB of temporaries against 4.3 GB for the SmolLM2 chunk.)"""
         if isinstance(learns, bool):
             return learn(*args) if learns else (part(args[0]), None)
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(learn, *args)[1])
+        zeros = M.zeros_like(jax.eval_shape(learn, *args)[1])
         return jax.lax.cond(learns, learn, lambda state, *_: (part(state), zeros), *args)
 
     stages = sched.stages_of(spec.cfg.schedule)  # the stages this mode can take, static
