@@ -40,9 +40,9 @@ def _checkpoint(root, tok, seed, width):
     return path
 
 
-def real_game_memory(root, width: int, extra: tuple[str, ...] = ()) -> dict:
-    """results.json's `memory` of a 4-step real-setting game whose players are `width` wide (own process;
-    `extra`: more config overrides)."""
+def game_overrides(root, width: int) -> list[str]:
+    """Config overrides of the small 4-step real-setting game whose players are `width` wide: writes its
+    checkpoints (two random Llama players, a 64-wide judge with its own vocabulary) and seeds under root."""
     players, judge = _word_tokenizer(reverse_words=False), _word_tokenizer(reverse_words=True)
     ck = root / "ckpt"
     ck.mkdir(parents=True)
@@ -51,9 +51,15 @@ def real_game_memory(root, width: int, extra: tuple[str, ...] = ()) -> dict:
     seeds = root / "seeds.txt"
     seeds.write_text("\n".join(SEEDS) + "\n")
     budget = [a for a in BUDGET if not a.startswith(("parallel.data", "loop.check_replicas"))]
-    argv = ["real_llama7b_gpo_div", f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}",
+    return [f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}",
             f"real.judge.checkpoint={judge_ck}", f"real.seed_prompts={seeds}", *budget,
-            "parallel.data=1", "precision.compute=float32", "export=false", *extra]
+            "parallel.data=1", "precision.compute=float32"]
+
+
+def real_game_memory(root, width: int, extra: tuple[str, ...] = ()) -> dict:
+    """results.json's `memory` of the small real-setting game at `width` (own process; `extra`: more
+    config overrides)."""
+    argv = ["real_llama7b_gpo_div", *game_overrides(root, width), "export=false", *extra]
     work = root / "work"
     work.mkdir()
     proc = subprocess.run([sys.executable, "-m", "alignjax.cli", *argv], cwd=work, capture_output=True,
@@ -96,17 +102,7 @@ def test_chunk_temporaries_of_a_real_game_stay_under_two_thirds_of_its_state(tmp
     from alignjax.cli import load_experiment
     from alignjax.game import loop
 
-    players, judge = _word_tokenizer(reverse_words=False), _word_tokenizer(reverse_words=True)
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    defender, attacker, judge_ck = (_checkpoint(ck, players, 1, 96), _checkpoint(ck, players, 2, 96),
-                                    _checkpoint(ck, judge, 3, 64))
-    seeds = tmp_path / "seeds.txt"
-    seeds.write_text("\n".join(SEEDS) + "\n")
-    budget = [a for a in BUDGET if not a.startswith(("parallel.data", "loop.check_replicas"))]
-    overrides = [f"defender.checkpoint={defender}", f"attacker.checkpoint={attacker}",
-                 f"real.judge.checkpoint={judge_ck}", f"real.seed_prompts={seeds}", *budget,
-                 "parallel.data=1", "precision.compute=float32"]
+    overrides = game_overrides(tmp_path, 96)
     cfg = experiment.resolve(load_experiment("real_llama7b_gpo_div", overrides)[1])
     _, built, play_step, layout = experiment._build(cfg, progress=False)
     state = parallel.replicate_on_devices(built.state, layout.devices)
