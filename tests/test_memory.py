@@ -10,7 +10,7 @@ from what does not (the runtime, the libraries, XLA's compilation, the embedder)
 
 Measured on the 2-core AMD EPYC (2026-12-03), widths 96 and 384 (state 31 and 478 MiB): the peak grew
 by 6.9x the added state before the loop kept the state on the device (the built state, a host copy,
-its replicated stack, the chunk's undonated outputs), by 3.1-3.5x after, and by 2.0-2.4x (three runs)
+its replicated stack, the chunk's undonated outputs), by 3.1-3.5x after, and by 1.9-2.4x (four runs)
 once the stage's `lax.switch` became one `lax.cond` per player and `run_loop` handed the build's
 freed pages back before the first chunk. What grows with the state now: the state (1x), XLA's
 temporaries for the chunk (0.57x, read from the compiled chunk below) and what the host allocator
@@ -72,7 +72,7 @@ def real_game_memory(root, width: int, extra: tuple[str, ...] = ()) -> dict:
 
 @pytest.mark.slow
 def test_real_game_peak_grows_by_one_copy_of_the_state_plus_temporaries(tmp_path):
-    """The same game at two widths: the peak's growth per byte of state added stays under 2.75 (2.0-2.4
+    """The same game at two widths: the peak's growth per byte of state added stays under 2.75 (1.9-2.4
     measured; 3.1-3.5 with the stage switch; 6.4-6.9 before the loop kept one copy)."""
     if not os.path.exists("/proc/self/status"):
         pytest.skip("peak RSS is read from /proc")
