@@ -10,7 +10,9 @@ loop's `lax.scan` chunk. Each phase of `game.step` is jitted on its own, on the 
 keys as the step (attacker sampling, defender sampling, the judge, the diversity rewards of the
 attacker's reward (embedding + Self-BLEU + cosine against the history), the experience (policy,
 reference and critic forwards + GAE, `rl.experience.compute_experience`) and the PPO optimisation
-(the whole `ppo_update` minus its experience)), and timed as the median of repeated calls with
+(the whole `ppo_update` minus its experience); for a player whose PPO runs in a single pass (1 epoch
+x 1 minibatch, as in the real experiments) the experience row is the reference forward alone, and
+the optimisation row the rest of the update), and timed as the median of repeated calls with
 `block_until_ready`. The whole step is timed inside a scanned chunk of `BENCH_GAME_CHUNK` steps (the
 loop's own `make_chunk_fn`, compile excluded), once in a defence stage and once in an attack stage;
 what the phases do not account for is printed as "unattributed" (fusion across phases, the scan,
@@ -51,7 +53,8 @@ from alignjax.game import schedule as sched
 from alignjax.game import step as gs
 from alignjax.rewards import history as hist
 from alignjax.rewards.attacker_reward import attacker_reward, similarity_to_history
-from alignjax.rl.experience import Rollout, compute_experience
+from alignjax.rl.experience import Rollout, compute_experience, model_inputs
+from alignjax.rl.kernels import token_logprobs
 from alignjax.rl.ppo import make_ppo_update
 from alignjax.sampling import sample
 
@@ -75,7 +78,11 @@ def median_time(fn, repeats: int) -> float:
 
 
 def phase_rows(t: dict) -> list[tuple[str, float, float]]:
-    """(phase, defence-step s, attack-step s) from the phase timings `t` (profile_stage's keys)."""
+    """(phase, defence-step s, attack-step s) from the phase timings `t` (profile_stage's keys).
+
+    A player whose PPO runs in a single pass (`PPOConfig.single_pass`: 1 epoch x 1 minibatch) has no
+    separate experience: its experience row is the reference forward (`phases`' experience function
+    times that), and its optimisation row holds the rest of the update."""
     return [("attacker sampling", t["attacker_sample"], t["attacker_sample"]),
             ("defender sampling", t["defender_sample"], t["defender_sample"]),
             ("judge", t["judge"], t["judge"]),
@@ -121,6 +128,13 @@ def phases(spec, state, consts):
                                scores.attacker_p_unsafe.astype(jnp.float32), sim.selfbleu, sim.cosine).reward
 
     def experience_of(models, ppo):
+        if ppo.single_pass:  # only the reference's forward runs outside the update's gradient pass
+            def reference_forward(player, ref, rollout):
+                tokens, mask = model_inputs(*rollout[:4])
+                n = rollout.response_tokens.shape[1]
+                return token_logprobs(models.policy_logits(ref, tokens, mask, n), rollout.response_tokens,
+                                      ppo.logprob_temperature)
+            return jax.jit(reference_forward)
         return jax.jit(lambda player, ref, rollout: compute_experience(
             player.policy_params, player.critic_params, ref, rollout, models=models, cfg=ppo,
             reward_moments=player.reward_moments, axis_name=None))

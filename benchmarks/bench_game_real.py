@@ -8,7 +8,9 @@ sampling, the judge, the diversity rewards, the experience, the PPO optimisation
 (bench_game.phases) on the real_smollm2 game's state, shapes and keys, each timed as the median of
 repeated calls after a compiling call. A defence step runs attacker sampling, defender sampling, the
 judge, the defender's experience and optimisation; an attack step replaces the last two by the
-diversity rewards and the attacker's. The scanned step itself is not timed here (its chunk would hold
+diversity rewards and the attacker's. Both players' PPO runs in a single pass (1 epoch x 1
+minibatch): the experience row is the reference forward, and the optimisation row the rest of the
+update (policy and critic forwards, GAE, backwards, optimiser). The scanned step itself is not timed here (its chunk would hold
 a second 7 GB state in this process): the run's own per-step times are in its metrics.jsonl
 (`time/step_s`), and the README's SmolLM2 block gives them.
 """

@@ -15,6 +15,7 @@ that the equivalence of the two implementations can be seen.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -46,6 +47,12 @@ SMALL = os.environ.get("ALIGNJAX_BENCH_SMALL", "") not in ("", "0")
 REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "1" if SMALL else "3"))
 
 
+def max_rel_diff(a, b) -> float:
+    """max over leaves of max |a - b| / max |b|."""
+    return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+
+
 def timed(fn, repeats: int) -> float:
     """Median wall time of `repeats` calls (after the caller's warm-up)."""
     times = []
@@ -62,15 +69,16 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275
                    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-def model_flops(config: LMConfig, tokens: int) -> float:
+def model_flops(config: LMConfig, tokens: int, single_pass: bool = True) -> float:
     """Model FLOPs of one PPO update (the 2N-per-token-forward rule, N = the weights a token multiplies,
-    i.e. all but the input embedding; attention's score products left out): experience = policy,
-    reference and critic forwards (3 x 2N); optimisation = policy and critic forward + backward (2 x 6N).
+    i.e. all but the input embedding; attention's score products left out): the single pass = policy,
+    reference and critic forwards (3 x 2N) + policy and critic backwards (2 x 4N); the separate
+    experience adds the policy's and critic's second forwards (+ 2 x 2N).
     The critic's N is the policy's less lm_head plus a 1-wide head: counted as the policy's (an upper
     bound by V*d/N, 20% at the 134M bench)."""
     embed = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size  # a lookup, no FLOPs
     n = config.num_params - embed
-    return (3 * 2 + 2 * 6) * n * tokens
+    return (3 * 2 + 2 * 4 + (0 if single_pass else 2 * 2)) * n * tokens
 
 
 def peak_flops(device) -> float | None:
@@ -79,7 +87,8 @@ def peak_flops(device) -> float | None:
 
 
 def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
-    """The PyTorch reference: returns (experience time, full update time, first-update losses)."""
+    """The PyTorch reference: returns (experience time, update time with the separate experience, update
+    time in a single pass, first-update losses)."""
     import torch
     import transformers
 
@@ -119,45 +128,45 @@ def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
     def mmean(x):
         return (x * m).sum() / m.sum()
 
+    def advantages(logp, ref_logp, v):
+        """KL rewards, GAE and whitening from the (masked, no-grad) forwards' outputs."""
+        rewards = -cfg.kl_coef * (logp - ref_logp)
+        last = (m.sum(1) - 1).long()
+        rewards[torch.arange(len(last)), last] += scores
+        rewards = rewards * m
+        adv = torch.zeros_like(rewards)
+        running = torch.zeros_like(rewards[:, 0])
+        for t in reversed(range(n)):
+            next_m = m[:, t + 1] if t + 1 < n else torch.zeros_like(running)
+            next_v = v[:, t + 1] * next_m if t + 1 < n else torch.zeros_like(running)
+            delta = rewards[:, t] + cfg.gamma * next_v - v[:, t]
+            running = delta + cfg.gamma * cfg.lam * next_m * running
+            adv[:, t] = running
+        adv = adv * m
+        returns = (adv + v) * m
+        mean = mmean(adv)
+        var = mmean((adv - mean) ** 2)
+        return (adv - mean) * torch.rsqrt(var + 1e-8) * m, returns
+
     def experience():
         with torch.no_grad():
             _, logp = logprobs(policy)
             _, ref_logp = logprobs(ref)
             v = values() * m
             logp, ref_logp = logp * m, ref_logp * m
-            rewards = -cfg.kl_coef * (logp - ref_logp)
-            last = (m.sum(1) - 1).long()
-            rewards[torch.arange(len(last)), last] += scores
-            rewards = rewards * m
-            adv = torch.zeros_like(rewards)
-            running = torch.zeros_like(rewards[:, 0])
-            for t in reversed(range(n)):
-                next_m = m[:, t + 1] if t + 1 < n else torch.zeros_like(running)
-                next_v = v[:, t + 1] * next_m if t + 1 < n else torch.zeros_like(running)
-                delta = rewards[:, t] + cfg.gamma * next_v - v[:, t]
-                running = delta + cfg.gamma * cfg.lam * next_m * running
-                adv[:, t] = running
-            adv = adv * m
-            returns = (adv + v) * m
-            mean = mmean(adv)
-            var = mmean((adv - mean) ** 2)
-            adv = (adv - mean) * torch.rsqrt(var + 1e-8) * m
+            adv, returns = advantages(logp, ref_logp, v)
         return logp, v, adv, returns
 
-    def update():
-        old_logp, old_v, adv, returns = experience()
-        logits, logp = logprobs(policy)
+    def losses_and_step(logits, logp, v, old_logp, old_v, adv, returns):
         ratio = torch.exp((logp - old_logp) * m)
         pg = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1 - cfg.clip_ratio, 1 + cfg.clip_ratio))
         pg_loss = mmean(pg)
         with torch.no_grad():
             lp = torch.log_softmax(logits, -1)
             entropy = mmean(-(lp.exp() * lp).sum(-1))
-        pg_loss.backward()
-        v = values()
         v_clip = old_v + torch.clamp(v - old_v, -cfg.value_clip, cfg.value_clip)
         vf_loss = 0.5 * mmean(torch.max((v - returns) ** 2, (v_clip - returns) ** 2))
-        vf_loss.backward()
+        (pg_loss + vf_loss).backward()
         norms = []
         for params, opt, sched in opts:
             norms.append(torch.nn.utils.clip_grad_norm_(params, 1.0).item())
@@ -166,12 +175,30 @@ def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
             opt.zero_grad(set_to_none=True)
         return pg_loss.item(), vf_loss.item(), entropy.item(), norms[0], norms[1]
 
+    def update():
+        """The separate experience (3 no-grad forwards), then the losses' forwards and backwards."""
+        old_logp, old_v, adv, returns = experience()
+        logits, logp = logprobs(policy)
+        return losses_and_step(logits, logp, values(), old_logp, old_v, adv, returns)
+
+    def update_single_pass():
+        """The same fusion as ours: the losses' policy and critic forwards also give the experience."""
+        logits, logp = logprobs(policy)
+        v = values()
+        with torch.no_grad():
+            _, ref_logp = logprobs(ref)
+            old_logp, old_v = logp.detach() * m, v.detach() * m
+            adv, returns = advantages(old_logp, ref_logp * m, old_v)
+        return losses_and_step(logits, logp, v, old_logp, old_v, adv, returns)
+
     print("pytorch: warm-up update ...", flush=True)
     losses = update()  # warm-up, and the losses of the first update for the equivalence check
+    update_single_pass()
     print("pytorch: timing ...", flush=True)
     t_exp = timed(experience, repeats)
     t_upd = timed(update, repeats)
-    return t_exp, t_upd, losses
+    t_single = timed(update_single_pass, repeats)
+    return t_exp, t_upd, t_single, losses
 
 
 def main():
@@ -210,16 +237,19 @@ def main():
     # ----- PyTorch, on the same weights through an exported HF folder
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(params, config, d)
-        t_exp_pt, t_upd_pt, losses_pt = torch_side(d, critic["head"], batch, cfg, lrs, REPEATS)
+        t_exp_pt, t_upd_pt, t_single_pt, losses_pt = torch_side(d, critic["head"], batch, cfg, lrs, REPEATS)
     gc.collect()
 
-    # ----- ours
+    # ----- ours: the single pass (default) and the separate experience (fuse_experience=False)
     models = LlamaPlayerModels(config)
     opt_policy = OptimizerConfig(learning_rate=lrs[0], warmup_steps=100)
     opt_critic = OptimizerConfig(learning_rate=lrs[1], warmup_steps=100)
     state = make_player_state(params, critic, opt_policy, opt_critic)
     ref = jax.tree.map(jnp.copy, params)
+    cfg_separate = dataclasses.replace(cfg, fuse_experience=False)
+    assert cfg.single_pass and not cfg_separate.single_pass
     update = jax.jit(make_ppo_update(models, cfg))
+    update_separate = jax.jit(make_ppo_update(models, cfg_separate))
     experience = jax.jit(functools.partial(compute_experience, models=models, cfg=cfg))
     key = jax.random.PRNGKey(0)
 
@@ -229,42 +259,60 @@ def main():
     t_compile = time.perf_counter() - t
     names = ("policy_loss", "value_loss", "entropy", "policy_grad_norm", "critic_grad_norm")
     losses_ours = tuple(float(metrics[k]) for k in names)
+    sep_state, sep_metrics = jax.block_until_ready(update_separate(state, ref, batch, key))
+    parity = max_rel_diff((new_state.policy_params, new_state.critic_params),
+                          (sep_state.policy_params, sep_state.critic_params))  # fmt: skip
+    parity_metrics = max(abs(float(metrics[k]) - float(sep_metrics[k])) for k in names)
     jax.block_until_ready(experience(state.policy_params, state.critic_params, ref, batch))
 
-    holder = {"state": new_state}
+    def timed_updates(fn):
+        holder = {"state": new_state}
 
-    def run_update():
-        holder["state"], _ = jax.block_until_ready(update(holder["state"], ref, batch, key))
+        def run():
+            holder["state"], _ = jax.block_until_ready(fn(holder["state"], ref, batch, key))
+
+        return timed(run, REPEATS)
 
     run_experience = lambda: jax.block_until_ready(
         experience(state.policy_params, state.critic_params, ref, batch)
     )
     t_exp = timed(run_experience, REPEATS)
-    t_upd = timed(run_update, REPEATS)
+    t_upd = timed_updates(update)
+    t_sep = timed_updates(update_separate)
 
     # (the first minibatch has ratio 1, so its policy loss is -mean(whitened A) = 0: the policy
     # gradient norm is the informative check)
     print("first update: policy loss, value loss, entropy, policy grad norm, critic grad norm")
     for who, vals in (("ours", losses_ours), ("pytorch", losses_pt)):
         print(f"  {who:8s}" + " ".join(f"{v: .6g}" for v in vals))
-    print(f"{'':32s}{'alignjax':>10s}{'pytorch':>10s}{'pytorch/ours':>14s}")
+    print(f"parity, single pass against the separate experience (ours): new params max relative difference "
+          f"{parity:.2e}, metrics above max absolute difference {parity_metrics:.2e}")  # fmt: skip
+    print(f"{'':44s}{'alignjax':>10s}{'pytorch':>10s}{'pytorch/ours':>14s}")
     rows = [
         ("experience (3 forwards + GAE)", t_exp, t_exp_pt),
-        ("full PPO update", t_upd, t_upd_pt),
-        ("  of which optimisation step", t_upd - t_exp, t_upd_pt - t_exp_pt),
+        ("update, separate experience (5 fwd + 2 bwd)", t_sep, t_upd_pt),
+        ("  of which optimisation step", t_sep - t_exp, t_upd_pt - t_exp_pt),
+        ("update, single pass (3 fwd + 2 bwd)", t_upd, t_single_pt),
     ]
     for name, ours, theirs in rows:
-        print(f"{name:32s}{ours:9.3f}s{theirs:9.3f}s{theirs / ours:13.2f}x")
+        print(f"{name:44s}{ours:9.3f}s{theirs:9.3f}s{theirs / ours:13.2f}x")
+    print(f"ours, single pass against separate experience: {t_sep / t_upd:.2f}x faster; against PyTorch's "
+          f"update with the separate experience (the authors' and TRL's form): {t_upd_pt / t_upd:.2f}x")
     print(f"compile (ours, once per shape): {t_compile:.1f}s (first call, includes one update)")
     summary.record("ppo_update_s", round(t_upd, 3))
-    summary.record("ppo_update_torch_s", round(t_upd_pt, 3))
-    summary.record("ppo_speedup_vs_torch", round(t_upd_pt / t_upd, 3))
+    summary.record("ppo_update_torch_s", round(t_single_pt, 3))
+    summary.record("ppo_speedup_vs_torch", round(t_single_pt / t_upd, 3))  # like for like: both single pass
+    summary.record("ppo_separate_s", round(t_sep, 3))
+    summary.record("ppo_separate_torch_s", round(t_upd_pt, 3))
+    summary.record("ppo_separate_speedup_vs_torch", round(t_upd_pt / t_sep, 3))
+    summary.record("ppo_single_pass_gain", round(t_sep / t_upd, 3))
+    summary.record("ppo_single_pass_parity_max_rel", parity)
     flops = model_flops(config, b * (p + n))
     peak = peak_flops(jax.devices()[0])
     mfu = f"MFU {flops / t_upd / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else \
         f"MFU n/a (no peak FLOP/s on record for {jax.devices()[0].device_kind!r})"
     print(f"PPO update: {flops / 1e12:.2f} model TFLOP in {t_upd:.3f}s = {flops / t_upd / 1e9:.1f} GFLOP/s "
-          f"(ours; pytorch {flops / t_upd_pt / 1e9:.1f}); {mfu}")
+          f"(ours, single pass; pytorch {flops / t_single_pt / 1e9:.1f}); {mfu}")
 
 
 if __name__ == "__main__":

@@ -67,7 +67,10 @@ def test_readme_block_from_fixture(tmp_path):
     assert "load average 2.50 at the start" in text
     assert "Other jobs were running" in text  # 2.5 > 1.5
     assert "Smoke sizes" in text
-    assert "| PPO update, s | 10.00 | 15.00 (PyTorch) | 1.50x PyTorch |" in text
+    assert ("| PPO update (single pass), s | 10.00 | 15.00 (PyTorch, the same single pass) | 1.50x PyTorch |"
+            in text)
+    separate = "| PPO update (separate experience), s | not measured | not measured (PyTorch) | not measured"
+    assert separate in text
     assert "not measuredx" not in text
     assert "| generation, tokens/s | not measured | not measured (HF `generate`) | not measured" in text
     assert "| game steps/s (`default`, host included) | 0.25 | | host share 25% |" in text

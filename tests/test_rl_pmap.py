@@ -65,14 +65,15 @@ def test_whitening_is_global_across_devices():
     assert np.max(np.abs(local - want[:3])) > 0.1
 
 
-def test_pmapped_ppo_update_equals_single_device():
+@pytest.mark.parametrize("epochs", [2, 1], ids=["2_epochs", "single_pass"])
+def test_pmapped_ppo_update_equals_single_device(epochs):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
     policy, ref = init_params(CFG, k1), init_params(CFG, k2)
     critic = init_critic(CFG, k3, head_std=0.3)
     opt = OptimizerConfig(learning_rate=3e-3, warmup_steps=2)
     state = make_player_state(policy, critic, opt, opt.__class__(learning_rate=1e-3, warmup_steps=2))
     # one minibatch per epoch: the global minibatch is then the same set of rows in both runs
-    cfg = PPOConfig(epochs=2, num_minibatches=1, kl_coef=0.2, kl_estimator="k3", entropy_coef=0.01,
+    cfg = PPOConfig(epochs=epochs, num_minibatches=1, kl_coef=0.2, kl_estimator="k3", entropy_coef=0.01,
                     reward_scaling="normalize", whiten_advantages=True)  # fmt: skip
     ro, key = make_rollout(1), jax.random.PRNGKey(5)
 

@@ -206,13 +206,19 @@ def test_finite_update_changes_params_and_reports_metrics(nets, update_fn):
 
 @pytest.fixture(scope="module")
 def single_step_update_fn():
-    """One epoch of one minibatch: the rollback is done by the minibatch gate alone."""
-    return jax.jit(make_ppo_update(MODELS, PPOConfig(kl_coef=0.1)))
+    """One epoch of one minibatch (the single pass: experience from the update's own forwards); the
+    rollback is done by the minibatch gate alone."""
+    cfg = PPOConfig(kl_coef=0.1)
+    assert cfg.single_pass
+    return jax.jit(make_ppo_update(MODELS, cfg))
 
 
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single_pass", "2_epochs_x_2_minibatches"])
 @pytest.mark.parametrize("poison", ["scores", "critic", "policy"])
-def test_nonfinite_update_is_detected_and_not_applied(nets, update_fn, single_step_update_fn, poison):
-    if poison == "scores":
+def test_nonfinite_update_is_detected_and_not_applied(
+    nets, update_fn, single_step_update_fn, poison, single_pass
+):
+    if single_pass:
         update_fn = single_step_update_fn
     state = _player(nets)
     ro = make_rollout(5)

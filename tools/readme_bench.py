@@ -66,9 +66,12 @@ def render(bench: dict) -> str:
         f"| decode step, ms | {_fmt(f.get('decode_step_ms'), '.1f')} | "
         f"{_fmt(f.get('decode_floor_ms'), '.1f')} (memory floor) | "
         f"{_ratio(f.get('decode_step_over_floor'), 'the floor')} |",
-        f"| PPO update, s | {_fmt(f.get('ppo_update_s'), '.2f')} | "
-        f"{_fmt(f.get('ppo_update_torch_s'), '.2f')} (PyTorch) | "
+        f"| PPO update (single pass), s | {_fmt(f.get('ppo_update_s'), '.2f')} | "
+        f"{_fmt(f.get('ppo_update_torch_s'), '.2f')} (PyTorch, the same single pass) | "
         f"{_ratio(f.get('ppo_speedup_vs_torch'), 'PyTorch')} |",
+        f"| PPO update (separate experience), s | {_fmt(f.get('ppo_separate_s'), '.2f')} | "
+        f"{_fmt(f.get('ppo_separate_torch_s'), '.2f')} (PyTorch) | "
+        f"{_ratio(f.get('ppo_separate_speedup_vs_torch'), 'PyTorch')} |",
         f"| generation, SmolLM2-135M-Instruct, tokens/s | {_fmt(f.get('smollm2_generate_tok_s'), '.1f')} | "
         f"{_fmt(f.get('smollm2_generate_hf_tok_s'), '.1f')} (HF `generate`) | "
         f"{_ratio(f.get('smollm2_generate_speedup_vs_hf'), 'HF')} |",

@@ -37,8 +37,16 @@ import optax
 
 from alignjax.parallel import all_gather, axis_index, psum
 from alignjax.rl import kernels
-from alignjax.rl.experience import Experience, PPOConfig, Rollout, compute_experience, model_inputs
-from alignjax.rl.state import PlayerState, current_lr
+from alignjax.rl.experience import (
+    Experience,
+    PPOConfig,
+    Rollout,
+    check_rollout,
+    compute_experience,
+    experience_from_forwards,
+    model_inputs,
+)
+from alignjax.rl.state import PlayerState, RewardMoments, current_lr
 
 NONFINITE_PREFIX = "nonfinite/"
 
@@ -68,9 +76,13 @@ def local_share(x: jax.Array, mask: jax.Array, mode: str, axis_name: str | None)
 def policy_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axis_name: str | None = None):
     """Clipped-ratio policy loss (+ entropy bonus) of a minibatch -> (loss share, metric shares)."""
     n = mb.response_tokens.shape[1]
-    m = mb.response_mask.astype(jnp.float32)
     tokens, tmask = model_inputs(mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask)
-    logits = models.policy_logits(params, tokens, tmask, n)
+    return policy_objective(models.policy_logits(params, tokens, tmask, n), mb, cfg=cfg, axis_name=axis_name)
+
+
+def policy_objective(logits: jax.Array, mb: Experience, *, cfg: PPOConfig, axis_name: str | None = None):
+    """`policy_loss` from the policy's response logits [B, N, V] float32 (differentiable)."""
+    m = mb.response_mask.astype(jnp.float32)
     logp = kernels.token_logprobs(logits, mb.response_tokens, cfg.logprob_temperature)
     log_ratio = (logp - mb.logprobs) * m
     ratio = jnp.exp(log_ratio)
@@ -102,9 +114,13 @@ def policy_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axi
 def value_loss(params: Any, mb: Experience, *, models: Any, cfg: PPOConfig, axis_name: str | None = None):
     """Clipped value loss of a minibatch -> (loss share, metric shares)."""
     n = mb.response_tokens.shape[1]
-    m = mb.response_mask.astype(jnp.float32)
     tokens, tmask = model_inputs(mb.prompt_tokens, mb.prompt_mask, mb.response_tokens, mb.response_mask)
-    v = models.critic_values(params, tokens, tmask, n)
+    return value_objective(models.critic_values(params, tokens, tmask, n), mb, cfg=cfg, axis_name=axis_name)
+
+
+def value_objective(v: jax.Array, mb: Experience, *, cfg: PPOConfig, axis_name: str | None = None):
+    """`value_loss` from the critic's values [B, N] float32 (differentiable)."""
+    m = mb.response_mask.astype(jnp.float32)
     vf = jnp.square(v - mb.returns)
     clipped = jnp.zeros_like(vf)
     if cfg.value_clip is not None:
@@ -160,6 +176,43 @@ def global_minibatches(exp: Experience, key: jax.Array, nm: int, axis_name: str 
     return jax.tree.map(split, full)
 
 
+def apply_gradients(
+    state: PlayerState,
+    carry: tuple,
+    p_grads: Any,
+    c_grads: Any,
+    aux: dict[str, jax.Array],
+    alive: jax.Array,
+    axis_name: str | None,
+) -> tuple[tuple, dict[str, jax.Array], jax.Array]:
+    """One optimiser step of policy and critic from this device's gradient shares.
+
+    carry = (policy params, policy opt state, critic params, critic opt state); aux: the losses' metric
+    shares. Gradients and metrics are summed over devices; the step is applied only if `alive` ([] bool)
+    holds and the losses and gradient norms are finite. Returns (new carry, metrics, applied [] bool).
+    """
+    pp, pos, cp, cos = carry
+    # global gradient = sum over devices of the local shares' gradients; metrics likewise
+    p_grads, c_grads = psum(p_grads, axis_name), psum(c_grads, axis_name)
+    aux = psum(aux, axis_name)
+    p_norm, c_norm = optax.tree.norm(p_grads), optax.tree.norm(c_grads)
+    checks = {
+        "policy_loss": _is_finite(aux["policy_loss"]),
+        "value_loss": _is_finite(aux["value_loss"]),
+        "entropy": _is_finite(aux["entropy"]),
+        "policy_grad_norm": _is_finite(p_norm),
+        "critic_grad_norm": _is_finite(c_norm),
+    }
+    ok = functools.reduce(jnp.logical_and, checks.values()) & alive
+    p_upd, new_pos = state.policy_tx.update(p_grads, pos, pp)
+    c_upd, new_cos = state.critic_tx.update(c_grads, cos, cp)
+    new_carry = (optax.apply_updates(pp, p_upd), new_pos, optax.apply_updates(cp, c_upd), new_cos)
+    metrics = {**aux, "policy_grad_norm": p_norm, "critic_grad_norm": c_norm}
+    metrics.update({NONFINITE_PREFIX + k: 1.0 - v.astype(jnp.float32) for k, v in checks.items()})
+    # the select fuses into the optimizer's elementwise update, so skipping costs no extra pass
+    return _select(ok, new_carry, carry), metrics, ok
+
+
 def ppo_epochs(
     state: PlayerState,
     exp: Experience,
@@ -182,33 +235,17 @@ def ppo_epochs(
         raise ValueError(f"batch size per device {b} is not divisible by num_minibatches={nm}")
 
     def minibatch_step(carry, mb: Experience):
-        (pp, pos, cp, cos), alive = carry
-        (_, p_aux), p_grads = jax.value_and_grad(
+        (pp, _, cp, _), alive = carry
+        p_grads, p_aux = jax.grad(
             functools.partial(policy_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
         )(pp, mb)
-        (_, v_aux), c_grads = jax.value_and_grad(
+        c_grads, v_aux = jax.grad(
             functools.partial(value_loss, models=models, cfg=cfg, axis_name=axis_name), has_aux=True
         )(cp, mb)
-        # global gradient = sum over devices of the local shares' gradients; metrics likewise
-        p_grads, c_grads = psum(p_grads, axis_name), psum(c_grads, axis_name)
-        aux = psum({**p_aux, **v_aux}, axis_name)
-        p_norm, c_norm = optax.tree.norm(p_grads), optax.tree.norm(c_grads)
-        checks = {
-            "policy_loss": _is_finite(aux["policy_loss"]),
-            "value_loss": _is_finite(aux["value_loss"]),
-            "entropy": _is_finite(aux["entropy"]),
-            "policy_grad_norm": _is_finite(p_norm),
-            "critic_grad_norm": _is_finite(c_norm),
-        }
-        ok = functools.reduce(jnp.logical_and, checks.values()) & alive
-        p_upd, new_pos = state.policy_tx.update(p_grads, pos, pp)
-        c_upd, new_cos = state.critic_tx.update(c_grads, cos, cp)
-        new_carry = (optax.apply_updates(pp, p_upd), new_pos, optax.apply_updates(cp, c_upd), new_cos)
-        # the select fuses into the optimizer's elementwise update, so skipping costs no extra pass
-        carry = (_select(ok, new_carry, carry[0]), ok)
-        metrics = {**aux, "policy_grad_norm": p_norm, "critic_grad_norm": c_norm}
-        metrics.update({NONFINITE_PREFIX + k: 1.0 - v.astype(jnp.float32) for k, v in checks.items()})
-        return carry, (metrics, ok)
+        new_carry, metrics, ok = apply_gradients(
+            state, carry[0], p_grads, c_grads, {**p_aux, **v_aux}, alive, axis_name
+        )
+        return (new_carry, ok), (metrics, ok)
 
     def epoch(carry, epoch_key):
         if nm == 1:
@@ -217,14 +254,66 @@ def ppo_epochs(
             data = global_minibatches(exp, epoch_key, nm, axis_name)
         return jax.lax.scan(minibatch_step, carry, data)
 
-    carry0 = (state.policy_params, state.policy_opt_state, state.critic_params, state.critic_opt_state)
     alive0 = jnp.asarray(True) if gate is None else jnp.asarray(gate, bool)
-    (carry, _), (metrics, oks) = jax.lax.scan(epoch, (carry0, alive0), jax.random.split(key, cfg.epochs))
-    out = {k: (jnp.sum(v) if k.startswith(NONFINITE_PREFIX) else jnp.mean(v)) for k, v in metrics.items()}
-    new_state = state.replace(
-        policy_params=carry[0], policy_opt_state=carry[1], critic_params=carry[2], critic_opt_state=carry[3]
+    (carry, _), (metrics, oks) = jax.lax.scan(
+        epoch, (_carry(state), alive0), jax.random.split(key, cfg.epochs)
     )
-    return new_state, out, jnp.all(oks)
+    out = {k: (jnp.sum(v) if k.startswith(NONFINITE_PREFIX) else jnp.mean(v)) for k, v in metrics.items()}
+    return _with_carry(state, carry), out, jnp.all(oks)
+
+
+def single_pass_gradients(
+    state: PlayerState, ref_params: Any, rollout: Rollout, *, models: Any, cfg: PPOConfig,
+    axis_name: str | None = None,
+) -> tuple[Experience, dict[str, jax.Array], RewardMoments, tuple]:
+    """Experience and gradients of a one-step update (`cfg.single_pass`) from one forward per network.
+
+    The old log-probs and values of the experience are the stop-gradient values of the forwards the
+    losses differentiate (the parameters are the same), so the ratio rho_t = exp(logp_t - sg(logp_t))
+    is exactly 1 and d rho_t = d logp_t. The reference policy runs once without gradients; KL rewards,
+    GAE and whitening are computed inside the loss from stop-gradient values. Same result as
+    `compute_experience` followed by one minibatch of `ppo_epochs`, in 3 forwards + 2 backwards
+    instead of 5 forwards + 2 backwards.
+
+    Returns (experience, experience metrics, new reward moments, (policy grad shares, critic grad
+    shares, loss metric shares)) for `apply_gradients`.
+    """
+    check_rollout(rollout)
+    n = rollout.response_tokens.shape[1]
+    tokens, tmask = model_inputs(
+        rollout.prompt_tokens, rollout.prompt_mask, rollout.response_tokens, rollout.response_mask
+    )
+    ref_logits = models.policy_logits(ref_params, tokens, tmask, n)
+    ref_logp = jax.lax.stop_gradient(
+        kernels.token_logprobs(ref_logits, rollout.response_tokens, cfg.logprob_temperature)
+    )
+
+    def loss(params):
+        logits = models.policy_logits(params[0], tokens, tmask, n)
+        values = models.critic_values(params[1], tokens, tmask, n)
+        logp = kernels.token_logprobs(logits, rollout.response_tokens, cfg.logprob_temperature)
+        old = jax.lax.stop_gradient((logp, values))
+        exp, exp_metrics, moments = experience_from_forwards(
+            rollout, old[0], ref_logp, old[1], cfg=cfg, reward_moments=state.reward_moments,
+            axis_name=axis_name,
+        )  # fmt: skip
+        p_loss, p_aux = policy_objective(logits, exp, cfg=cfg, axis_name=axis_name)
+        v_loss, v_aux = value_objective(values, exp, cfg=cfg, axis_name=axis_name)
+        return p_loss + v_loss, (exp, exp_metrics, moments, {**p_aux, **v_aux})
+
+    (p_grads, c_grads), (exp, exp_metrics, moments, aux) = jax.grad(loss, has_aux=True)(
+        (state.policy_params, state.critic_params)
+    )
+    return exp, exp_metrics, moments, (p_grads, c_grads, aux)
+
+
+def _carry(state: PlayerState) -> tuple:
+    return state.policy_params, state.policy_opt_state, state.critic_params, state.critic_opt_state
+
+
+def _with_carry(state: PlayerState, carry: tuple) -> PlayerState:
+    pp, pos, cp, cos = carry
+    return state.replace(policy_params=pp, policy_opt_state=pos, critic_params=cp, critic_opt_state=cos)
 
 
 def ppo_update(
@@ -251,16 +340,15 @@ def ppo_update(
     """
     check_key(key)
     chex.assert_trees_all_equal_shapes(state.policy_params, ref_params)
-    exp, exp_metrics, new_moments = compute_experience(
-        state.policy_params,
-        state.critic_params,
-        ref_params,
-        rollout,
-        models=models,
-        cfg=cfg,
-        reward_moments=state.reward_moments,
-        axis_name=axis_name,
-    )
+    if cfg.single_pass:
+        exp, exp_metrics, new_moments, grads = single_pass_gradients(
+            state, ref_params, rollout, models=models, cfg=cfg, axis_name=axis_name
+        )
+    else:
+        exp, exp_metrics, new_moments = compute_experience(
+            state.policy_params, state.critic_params, ref_params, rollout,
+            models=models, cfg=cfg, reward_moments=state.reward_moments, axis_name=axis_name,
+        )  # fmt: skip
     exp_checks = {
         "scores": _is_finite(rollout.scores),
         "logprobs": _is_finite(exp.logprobs),
@@ -271,9 +359,13 @@ def ppo_update(
     if axis_name is not None:  # a NaN on any device must skip the update on every device
         exp_checks = {k: jax.lax.pmin(v.astype(jnp.int32), axis_name) > 0 for k, v in exp_checks.items()}
     exp_ok = functools.reduce(jnp.logical_and, exp_checks.values())
-    new_state, train_metrics, train_ok = ppo_epochs(
-        state, exp, key, models=models, cfg=cfg, axis_name=axis_name, gate=exp_ok
-    )
+    if cfg.single_pass:
+        carry, train_metrics, train_ok = apply_gradients(state, _carry(state), *grads, exp_ok, axis_name)
+        new_state = _with_carry(state, carry)
+    else:
+        new_state, train_metrics, train_ok = ppo_epochs(
+            state, exp, key, models=models, cfg=cfg, axis_name=axis_name, gate=exp_ok
+        )
     ok = exp_ok & train_ok
     # All or nothing: a non-finite anything leaves params, optimizer states and reward moments as they
     # were. With one minibatch step the gate above already did it; otherwise earlier minibatches of a
