@@ -10,9 +10,9 @@ repeated calls after a compiling call. A defence step runs attacker sampling, de
 judge, the defender's experience and optimisation; an attack step replaces the last two by the
 diversity rewards and the attacker's. Both players' PPO runs in a single pass (1 epoch x 1
 minibatch): the experience row is the reference forward, and the optimisation row the rest of the
-update (policy and critic forwards, GAE, backwards, optimiser). The scanned step itself is not timed here (its chunk would hold
-a second 7 GB state in this process): the run's own per-step times are in its metrics.jsonl
-(`time/step_s`), and the README's SmolLM2 block gives them.
+update (policy and critic forwards, GAE, backwards, optimiser). The scanned step itself is not timed
+here (its chunk would hold a second 7 GB state in this process): the run's own per-step times are in
+its metrics.jsonl (`time/step_s`), and the README's SmolLM2 block gives them.
 """
 
 from __future__ import annotations

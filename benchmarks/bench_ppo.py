@@ -5,12 +5,17 @@ head critic, the same losses and AdamW), same process, same weights, same batch.
     python benchmarks/bench_ppo.py                          # ~134M Llama, batch 8 x (64 + 128) tokens
     ALIGNJAX_BENCH_SMALL=1 python benchmarks/bench_ppo.py   # smoke run, well under a minute
 
-One update = experience (policy, reference and critic forwards on the batch, per-token KL rewards,
-GAE, whitening) + one epoch of one minibatch (policy forward/backward, critic forward/backward, two
-AdamW steps with global-norm clipping). Both sides compute logits only on the response positions and
-the entropy metric under no-grad; fp32 throughout. Compile time (ours, paid once per shape) is
-printed separately and excluded from the timings. Both sides' first-update losses are printed so
-that the equivalence of the two implementations can be seen.
+One update of one epoch of one minibatch, in two forms, each timed on both sides:
+- separate experience (the authors' and TRL's form): policy, reference and critic forwards without
+  gradients, per-token KL rewards, GAE, whitening; then the policy and critic forwards again with
+  their backwards, and two AdamW steps with global-norm clipping (5 forwards + 2 backwards);
+- single pass (our default for 1 x 1, `PPOConfig.fuse_experience`): the losses' policy and critic
+  forwards also give the experience (3 forwards + 2 backwards). The torch side does the same.
+Both sides compute logits only on the response positions and the entropy metric under no-grad; fp32
+throughout. Compile time (ours, paid once per shape) is printed separately and excluded. The six
+timed functions run in interleaved rounds (`timed_interleaved`), so that a machine whose speed drifts
+does not favour one side. Both sides' first-update losses are printed so that the equivalence of the
+two implementations can be seen, and a parity line compares our two forms' new parameters.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from alignjax.rl import (
 )
 
 SMALL = os.environ.get("ALIGNJAX_BENCH_SMALL", "") not in ("", "0")
-REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "1" if SMALL else "3"))
+REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "1" if SMALL else "4"))
 
 
 def max_rel_diff(a, b) -> float:
@@ -53,14 +58,18 @@ def max_rel_diff(a, b) -> float:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
 
 
-def timed(fn, repeats: int) -> float:
-    """Median wall time of `repeats` calls (after the caller's warm-up)."""
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed_interleaved(fns: dict, repeats: int) -> dict:
+    """Median wall time of `repeats` calls of each function (after the caller's warm-up), in rounds that
+    call every function once, in an order rotated each round: a machine that slows down or speeds up
+    during the run then biases no function against another."""
+    names = list(fns)
+    times = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets), keyed by a substring of jax's device_kind. MFU is
@@ -86,9 +95,9 @@ def peak_flops(device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
-    """The PyTorch reference: returns (experience time, update time with the separate experience, update
-    time in a single pass, first-update losses)."""
+def torch_side(folder, head, batch, cfg: PPOConfig, lrs):
+    """The PyTorch reference, warmed up: returns ({name: a no-argument function running it}, the
+    first update's losses)."""
     import torch
     import transformers
 
@@ -194,11 +203,8 @@ def torch_side(folder, head, batch, cfg: PPOConfig, lrs, repeats):
     print("pytorch: warm-up update ...", flush=True)
     losses = update()  # warm-up, and the losses of the first update for the equivalence check
     update_single_pass()
-    print("pytorch: timing ...", flush=True)
-    t_exp = timed(experience, repeats)
-    t_upd = timed(update, repeats)
-    t_single = timed(update_single_pass, repeats)
-    return t_exp, t_upd, t_single, losses
+    fns = {"torch_experience": experience, "torch_separate": update, "torch_single": update_single_pass}
+    return fns, losses
 
 
 def main():
@@ -237,7 +243,7 @@ def main():
     # ----- PyTorch, on the same weights through an exported HF folder
     with tempfile.TemporaryDirectory() as d:
         save_pretrained(params, config, d)
-        t_exp_pt, t_upd_pt, t_single_pt, losses_pt = torch_side(d, critic["head"], batch, cfg, lrs, REPEATS)
+        torch_fns, losses_pt = torch_side(d, critic["head"], batch, cfg, lrs)
     gc.collect()
 
     # ----- ours: the single pass (default) and the separate experience (fuse_experience=False)
@@ -265,20 +271,24 @@ def main():
     parity_metrics = max(abs(float(metrics[k]) - float(sep_metrics[k])) for k in names)
     jax.block_until_ready(experience(state.policy_params, state.critic_params, ref, batch))
 
-    def timed_updates(fn):
+    def updates(fn):
         holder = {"state": new_state}
 
         def run():
             holder["state"], _ = jax.block_until_ready(fn(holder["state"], ref, batch, key))
 
-        return timed(run, REPEATS)
+        return run
 
-    run_experience = lambda: jax.block_until_ready(
-        experience(state.policy_params, state.critic_params, ref, batch)
-    )
-    t_exp = timed(run_experience, REPEATS)
-    t_upd = timed_updates(update)
-    t_sep = timed_updates(update_separate)
+    print(f"timing: {REPEATS} rounds of the six, interleaved ...", flush=True)
+    t = timed_interleaved({
+        **torch_fns,
+        "experience": lambda: jax.block_until_ready(
+            experience(state.policy_params, state.critic_params, ref, batch)),
+        "single": updates(update),
+        "separate": updates(update_separate),
+    }, REPEATS)  # fmt: skip
+    t_exp, t_upd, t_sep = t["experience"], t["single"], t["separate"]
+    t_exp_pt, t_upd_pt, t_single_pt = t["torch_experience"], t["torch_separate"], t["torch_single"]
 
     # (the first minibatch has ratio 1, so its policy loss is -mean(whitened A) = 0: the policy
     # gradient norm is the informative check)
