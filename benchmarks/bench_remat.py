@@ -4,8 +4,9 @@
     ALIGNJAX_BENCH_SMALL=1 python -m benchmarks.run_all bench_remat   # smoke size, well under a minute
     BENCH_REMAT_COMPUTE=bfloat16 python -m benchmarks.run_all bench_remat   # bf16 compute, f32 params
 
-Compiles one PPO update (`make_ppo_update` under `jax.jit`: experience = policy, reference and critic
-forwards, then one epoch x one minibatch of policy and critic forward/backward and AdamW) of the same
+Compiles one PPO update (`make_ppo_update` under `jax.jit`: one epoch x one minibatch, so the single
+pass: the reference forward, the policy and critic forward/backward that also give the experience, and
+AdamW; `PPOConfig.fuse_experience`) of the same
 player for each remat policy of `LlamaPlayerModels` (`alignjax.models.precision`), and prints per
 policy XLA's buffer sizes of the compiled update (`memory_analysis()`: temp = activations and other
 scratch, argument = params, optimizer states, batch) and the median wall time of an update

@@ -94,7 +94,7 @@ def _pair(x) -> str:
 
 def merge(benches: list[dict]) -> dict:
     """Several partial runs on one machine as one summary: figures united (a later run's key wins), the
-    benchmarks that ran listed in order, the dates joined, and the highest load average at a start."""
+    benchmarks that ran listed in order (once each), the dates joined, and the highest load average at a start."""
     if len({b["machine"]["processor"] for b in benches}) != 1:
         raise SystemExit("bench.json files from different processors cannot be merged")
     machine = dict(benches[0]["machine"])
@@ -105,7 +105,7 @@ def merge(benches: list[dict]) -> dict:
     machine.pop("failed", None)
     if failed:
         machine["failed"] = failed
-    return {"machine": machine, "ran": [r for b in benches for r in b["ran"]],
+    return {"machine": machine, "ran": list(dict.fromkeys(r for b in benches for r in b["ran"])),
             "figures": {k: v for b in benches for k, v in b["figures"].items()}}
 
 
