@@ -116,3 +116,9 @@ def test_merge_of_partial_runs():
     assert merged["machine"]["small"] is True
     assert merged["figures"]["game_steps_per_s"] == 0.5 and merged["figures"]["ppo_update_s"] == 10.0
     assert merged["figures"]["selfbleu_speedup"] == 100.0
+    # a benchmark re-run on top of a merged summary is listed once, its newer figures winning
+    rerun = {"machine": dict(FIXTURE["machine"], date="20261203-080000"), "ran": ["bench_ppo"],
+             "figures": {"ppo_update_s": 9.0}}
+    again = _tool().merge([merged, rerun])
+    assert again["ran"] == ["bench_game", "bench_ppo", "bench_selfbleu"]
+    assert again["figures"]["ppo_update_s"] == 9.0

@@ -94,7 +94,8 @@ def _pair(x) -> str:
 
 def merge(benches: list[dict]) -> dict:
     """Several partial runs on one machine as one summary: figures united (a later run's key wins), the
-    benchmarks that ran listed in order (once each), the dates joined, and the highest load average at a start."""
+    benchmarks that ran listed in order (once each), the dates joined, and the highest load average at
+    a start."""
     if len({b["machine"]["processor"] for b in benches}) != 1:
         raise SystemExit("bench.json files from different processors cannot be merged")
     machine = dict(benches[0]["machine"])
