@@ -53,8 +53,7 @@ from alignjax.game import schedule as sched
 from alignjax.game import step as gs
 from alignjax.rewards import history as hist
 from alignjax.rewards.attacker_reward import attacker_reward, similarity_to_history
-from alignjax.rl.experience import Rollout, compute_experience, model_inputs
-from alignjax.rl.kernels import token_logprobs
+from alignjax.rl.experience import Rollout, compute_experience, model_inputs, response_logprobs
 from alignjax.rl.ppo import make_ppo_update
 from alignjax.sampling import sample
 
@@ -131,9 +130,7 @@ def phases(spec, state, consts):
         if ppo.single_pass:  # only the reference's forward runs outside the update's gradient pass
             def reference_forward(player, ref, rollout):
                 tokens, mask = model_inputs(*rollout[:4])
-                n = rollout.response_tokens.shape[1]
-                return token_logprobs(models.policy_logits(ref, tokens, mask, n), rollout.response_tokens,
-                                      ppo.logprob_temperature)
+                return response_logprobs(models, ref, tokens, mask, rollout.response_tokens, ppo)
             return jax.jit(reference_forward)
         return jax.jit(lambda player, ref, rollout: compute_experience(
             player.policy_params, player.critic_params, ref, rollout, models=models, cfg=ppo,

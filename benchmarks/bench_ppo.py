@@ -78,16 +78,16 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275
                    "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6": 918e12}
 
 
-def model_flops(config: LMConfig, tokens: int, single_pass: bool = True) -> float:
-    """Model FLOPs of one PPO update (the 2N-per-token-forward rule, N = the weights a token multiplies,
-    i.e. all but the input embedding; attention's score products left out): the single pass = policy,
-    reference and critic forwards (3 x 2N) + policy and critic backwards (2 x 4N); the separate
-    experience adds the policy's and critic's second forwards (+ 2 x 2N).
+def model_flops(config: LMConfig, tokens: int) -> float:
+    """Model FLOPs of one single-pass PPO update (the 2N-per-token-forward rule, N = the weights a token
+    multiplies, i.e. all but the input embedding; attention's score products left out): policy,
+    reference and critic forwards (3 x 2N) + policy and critic backwards (2 x 4N). The separate
+    experience computes the same update with two more forwards (+ 2 x 2N); the MFU counts the former.
     The critic's N is the policy's less lm_head plus a 1-wide head: counted as the policy's (an upper
     bound by V*d/N, 20% at the 134M bench)."""
     embed = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size  # a lookup, no FLOPs
     n = config.num_params - embed
-    return (3 * 2 + 2 * 4 + (0 if single_pass else 2 * 2)) * n * tokens
+    return (3 * 2 + 2 * 4) * n * tokens
 
 
 def peak_flops(device) -> float | None:

@@ -261,6 +261,15 @@ def per_token_rewards(
     return jnp.where(m, r, 0.0)
 
 
+def response_logprobs(
+    models: Any, params: Any, tokens: jax.Array, mask: jax.Array, response_tokens: jax.Array, cfg: PPOConfig
+) -> jax.Array:
+    """log pi(y_t | ...) [B, N] float32 of the response tokens [B, N], at cfg's temperature, from
+    `model_inputs`' tokens, mask [B, P + N - 1]."""
+    logits = models.policy_logits(params, tokens, mask, response_tokens.shape[1])
+    return kernels.token_logprobs(logits, response_tokens, cfg.logprob_temperature)
+
+
 def experience_forwards(
     policy_params: Any, critic_params: Any, ref_params: Any, rollout: Rollout, *, models: Any, cfg: PPOConfig
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -271,14 +280,9 @@ def experience_forwards(
 
     def forward_chunk(pt, pm, rt, rm):
         tokens, tmask = model_inputs(pt, pm, rt, rm)
-        logp = kernels.token_logprobs(
-            models.policy_logits(policy_params, tokens, tmask, n), rt, cfg.logprob_temperature
-        )
-        ref_logp = kernels.token_logprobs(
-            models.policy_logits(ref_params, tokens, tmask, n), rt, cfg.logprob_temperature
-        )
-        values = models.critic_values(critic_params, tokens, tmask, n)
-        return logp, ref_logp, values
+        logp = response_logprobs(models, policy_params, tokens, tmask, rt, cfg)
+        ref_logp = response_logprobs(models, ref_params, tokens, tmask, rt, cfg)
+        return logp, ref_logp, models.critic_values(critic_params, tokens, tmask, n)
 
     return jax.lax.stop_gradient(_chunked(forward_chunk, inputs, cfg.num_minibatches))
 

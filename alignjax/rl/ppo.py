@@ -48,6 +48,7 @@ from alignjax.rl.experience import (
     compute_experience,
     experience_from_forwards,
     model_inputs,
+    response_logprobs,
 )
 from alignjax.rl.state import PlayerState, RewardMoments, current_lr
 
@@ -286,9 +287,8 @@ def single_pass_gradients(
     tokens, tmask = model_inputs(
         rollout.prompt_tokens, rollout.prompt_mask, rollout.response_tokens, rollout.response_mask
     )
-    ref_logits = models.policy_logits(ref_params, tokens, tmask, n)
     ref_logp = jax.lax.stop_gradient(
-        kernels.token_logprobs(ref_logits, rollout.response_tokens, cfg.logprob_temperature)
+        response_logprobs(models, ref_params, tokens, tmask, rollout.response_tokens, cfg)
     )
 
     def loss(params):
