@@ -174,7 +174,9 @@ def profile_stage(spec, consts, f, name: str, st, t: dict) -> float:
     # parity: one scanned step from the same state must give the same new parameters
     one = f["one_step"](st, consts)[0]
     ours = one.defender if name == "defend" else one.attacker
-    return summary.max_rel_diff(new_player.policy_params, ours.policy_params)
+    a, b = jax.tree.leaves(new_player.policy_params), jax.tree.leaves(ours.policy_params)
+    return max(float(jnp.max(jnp.abs(u - v)) / (jnp.max(jnp.abs(v)) + 1e-12))
+               for u, v in zip(a, b, strict=True))
 
 
 def profile_step(cfg, chunk_len: int) -> dict:

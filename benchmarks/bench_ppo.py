@@ -52,6 +52,12 @@ SMALL = os.environ.get("ALIGNJAX_BENCH_SMALL", "") not in ("", "0")
 REPEATS = int(os.environ.get("ALIGNJAX_BENCH_REPEATS", "1" if SMALL else "4"))
 
 
+def max_rel_diff(a, b) -> float:
+    """max over leaves of max |a - b| / max |b|."""
+    return max(float(jnp.max(jnp.abs(x - y)) / (jnp.max(jnp.abs(y)) + 1e-12))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))  # fmt: skip
+
+
 def timed_interleaved(fns: dict, repeats: int) -> dict:
     """Median wall time of `repeats` calls of each function (after the caller's warm-up), in rounds that
     call every function once, in an order rotated each round: a machine that slows down or speeds up
@@ -260,7 +266,7 @@ def main():
     names = ("policy_loss", "value_loss", "entropy", "policy_grad_norm", "critic_grad_norm")
     losses_ours = tuple(float(metrics[k]) for k in names)
     sep_state, sep_metrics = jax.block_until_ready(update_separate(state, ref, batch, key))
-    parity = summary.max_rel_diff((new_state.policy_params, new_state.critic_params),
+    parity = max_rel_diff((new_state.policy_params, new_state.critic_params),
                           (sep_state.policy_params, sep_state.critic_params))  # fmt: skip
     parity_metrics = max(abs(float(metrics[k]) - float(sep_metrics[k])) for k in names)
     # One player state lives on from here (both forms advance it), beside PyTorch's models: a copy per

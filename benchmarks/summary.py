@@ -34,17 +34,6 @@ def record(key: str, value) -> None:
     _FIGURES[key] = value
 
 
-def max_rel_diff(a, b) -> float:
-    """A benchmark's parity figure: the largest, over the leaves of two same-structured pytrees, of
-    max |a - b| / max |b|."""
-    import jax
-    import numpy as np
-
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / (np.max(np.abs(np.asarray(y))) + 1e-12))
-               for x, y in pairs)  # fmt: skip
-
-
 def figures() -> dict:
     return dict(_FIGURES)
 

@@ -7,9 +7,6 @@ import importlib.util
 import json
 import pathlib
 
-import numpy as np
-import pytest
-
 from benchmarks import summary
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -125,13 +122,3 @@ def test_merge_of_partial_runs():
     again = _tool().merge([merged, rerun])
     assert again["ran"] == ["bench_game", "bench_ppo", "bench_selfbleu"]
     assert again["figures"]["ppo_update_s"] == 9.0
-
-
-def test_max_rel_diff_is_the_worst_leaf():
-    a = {"w": np.array([1.0, 2.0], np.float32), "b": np.array([[4.0]], np.float32)}
-    b = {"w": np.array([1.0, 4.0], np.float32), "b": np.array([[5.0]], np.float32)}
-    # leaf w: max |a - b| = 2, max |b| = 4 -> 0.5; leaf b: 1 / 5 = 0.2
-    assert abs(summary.max_rel_diff(a, b) - 0.5) < 1e-9
-    assert summary.max_rel_diff(b, b) == 0.0
-    with pytest.raises(ValueError):
-        summary.max_rel_diff(a, {"w": b["w"]})
