@@ -1,7 +1,12 @@
-"""benchmarks/op_profile.py: the HLO text parser against hand-written instructions, and one profiled run."""
+"""benchmarks/op_profile.py: the HLO text parser against hand-written instructions, and one profiled run.
 
-import jax
-import jax.numpy as jnp
+The profiled run is a subprocess: `jax.profiler` is process-wide state, kept out of the test worker."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 from benchmarks import op_profile
 
@@ -22,9 +27,20 @@ def test_hlo_instructions_reads_shape_and_jax_op():
 
 
 def test_op_table_finds_the_product_of_a_profiled_run():
-    x, w = jnp.ones((256, 512)), jnp.ones((512, 384))
-    compiled = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0).lower(x, w).compile()
-    rows, total = op_profile.op_table(compiled, (x, w), per=2)
+    script = textwrap.dedent("""
+        import dataclasses, json
+        import jax, jax.numpy as jnp
+        from benchmarks import op_profile
+        x, w = jnp.ones((256, 512)), jnp.ones((512, 384))
+        compiled = jax.jit(lambda x, w: jnp.tanh(x @ w) * 2.0).lower(x, w).compile()
+        rows, total = op_profile.op_table(compiled, (x, w), per=2)
+        print(json.dumps({"rows": [dataclasses.asdict(r) for r in rows], "total": total}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows, total = [op_profile.OpRow(**r) for r in out["rows"]], out["total"]
     assert total > 0 and rows and all(r.ms >= 0 and r.events >= 1 for r in rows)
     assert sum(r.ms for r in rows) <= total + 1e-9
     assert any(r.shape == "f32[256,384]" for r in rows), rows

@@ -155,62 +155,15 @@ def attention(q, k, v, mask):
     """Grouped-query attention. q [B,T,Hq,hd], k/v [B,Hkv,S,hd], mask [B,T,S] bool -> [B,T,Hq,hd].
 
     softmax(q k^T / sqrt(hd)) in float32; masked logits get the dtype minimum (not -inf) so a fully
-    masked query row (a left-pad position) stays finite (uniform weights). q is laid out head-major
-    like k and v, [B, Hkv, G*T, hd] with G = Hq / Hkv; the core has its own backward
-    (`_attention_core`).
-    """
+    masked query row (a left-pad position) stays finite."""
     b, t, hq, hd = q.shape
-    hkv, s = k.shape[1], k.shape[2]
-    g = hq // hkv
-    # the G query heads of a kv head are stacked along the query axis: rows (g, t) of [B, Hkv, G*T, hd]
-    qh = q.reshape(b, t, hkv, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, hd)
-    mask = jnp.broadcast_to(mask[:, None], (b, g, t, s)).reshape(b, g * t, s)
-    out = _attention_core(qh, k, v, mask)
-    return out.reshape(b, hkv, g, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, hq, hd)
-
-
-def _attention_probs(qh, k, mask):
-    """P = softmax(masked qh k^T / sqrt(hd)), float32 [B, H, R, S].
-
-    qh [B, H, R, hd] (R query rows per head), k [B, H, S, hd], mask [B, R, S] bool."""
-    scores = jnp.einsum("bhrd,bhsd->bhrs", qh, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(qh.shape[-1])
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
-
-
-@jax.custom_vjp
-def _attention_core(qh, k, v, mask):
-    """O = P v [B, H, R, hd] (P: `_attention_probs`), in v's dtype.
-
-    Backward (the flash-attention form, with P recomputed rather than stored, so the residuals are
-    q, k, v and O, not the [T, S] probabilities):
-        dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)) / sqrt(hd),  dq = dS K,  dK = dS^T q,
-    where rowsum(dO * O) = rowsum(P * dP) is a [T]-sized reduction instead of a [T, S] one. Autodiff
-    through the softmax stores P and takes about twice as long on CPU (docs/benchmarks.md).
-    """
-    return _attention_core_fwd(qh, k, v, mask)[0]
-
-
-def _attention_core_fwd(qh, k, v, mask):
-    probs = _attention_probs(qh, k, mask)
-    out = jnp.einsum("bhrs,bhsd->bhrd", probs.astype(v.dtype), v)
-    return out, (qh, k, v, mask, out)
-
-
-def _attention_core_bwd(residuals, d_out):
-    qh, k, v, mask, out = residuals
-    probs = _attention_probs(qh, k, mask)
-    d_v = jnp.einsum("bhrs,bhrd->bhsd", probs.astype(v.dtype), d_out.astype(v.dtype))
-    d_probs = jnp.einsum("bhrd,bhsd->bhrs", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_scores = probs * (d_probs - row) / math.sqrt(qh.shape[-1])
-    d_q = jnp.einsum("bhrs,bhsd->bhrd", d_scores.astype(qh.dtype), k)
-    d_k = jnp.einsum("bhrs,bhrd->bhsd", d_scores.astype(k.dtype), qh)
-    return d_q.astype(qh.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
-
-
-_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+    hkv = k.shape[1]
+    q = q.reshape(b, t, hkv, hq // hkv, hd)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, hq, hd)
 
 
 def _layer(config: LMConfig, inv_freq, positions, mask, h, lp, cache_kv, index):
